@@ -1,0 +1,188 @@
+"""The exception hierarchy: every error the SDK raises derives from :class:`GatewayError`.
+
+Errors never carry API keys: where a key must be identified, its fingerprint is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import Attempt
+
+__all__ = [
+    "AllProvidersFailedError",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigError",
+    "ConfigUnavailableError",
+    "DatabaseError",
+    "GatewayError",
+    "InvalidTenantConfigError",
+    "MalformedResponseError",
+    "NoProviderAvailableError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitError",
+    "ServerError",
+    "TenantNotFoundError",
+    "UnknownProviderError",
+]
+
+
+class GatewayError(Exception):
+    """Root of every error raised by llm-gateway."""
+
+
+# --- configuration -------------------------------------------------------------------------
+
+
+class ConfigError(GatewayError):
+    """A tenant's or the router's configuration cannot be used."""
+
+
+class UnknownProviderError(ConfigError, ValueError):
+    """A provider name that the gateway does not know."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"unknown provider {name!r}")
+
+
+class TenantNotFoundError(ConfigError, LookupError):
+    """No ``tenants`` row for the id, and the router's policy is to refuse unknown tenants."""
+
+    def __init__(self, tenant_id: object) -> None:
+        self.tenant_id = str(tenant_id)
+        super().__init__(f"unknown tenant {self.tenant_id}")
+
+
+class InvalidTenantConfigError(ConfigError, ValueError):
+    """A tenant's ``llm_tokens`` or ``inference_config`` JSONB fails validation.
+
+    ``field`` is the dotted path of the first offending value, e.g.
+    ``inference_config.preferred_models.groq``.
+    """
+
+    def __init__(self, tenant_id: object, field: str, reason: str) -> None:
+        self.tenant_id = str(tenant_id)
+        self.field = field
+        self.reason = reason
+        super().__init__(f"tenant {self.tenant_id}: invalid {field}: {reason}")
+
+
+class DatabaseError(GatewayError):
+    """PostgreSQL could not be reached or answered with an error."""
+
+
+class ConfigUnavailableError(DatabaseError):
+    """A tenant's configuration could not be loaded because the database failed."""
+
+
+class NoProviderAvailableError(GatewayError):
+    """The tenant's chain is empty: no provider has a usable key, model and healthy state.
+
+    ``reasons`` maps each provider that was considered to why it was left out.
+    """
+
+    def __init__(self, tenant_id: object, reasons: dict[str, str]) -> None:
+        self.tenant_id = str(tenant_id)
+        self.reasons = dict(reasons)
+        detail = "; ".join(f"{p}: {r}" for p, r in self.reasons.items()) or "no provider configured"
+        super().__init__(f"no usable provider for tenant {self.tenant_id} ({detail})")
+
+
+# --- provider attempts ---------------------------------------------------------------------
+
+
+class ProviderError(GatewayError):
+    """One attempt against one provider failed.
+
+    ``retryable`` says whether another provider may succeed where this one failed.
+    ``status`` is the value written to ``model_usage_stats.status``.
+    """
+
+    retryable: bool = True
+    status: str = "error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str | None = None,
+        status_code: int | None = None,
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.message = message
+        code = f" HTTP {status_code}" if status_code is not None else ""
+        super().__init__(f"{provider}{code}: {message}")
+
+
+class ProviderConnectionError(ProviderError):
+    """The connection failed or was dropped before a complete response."""
+
+
+class ProviderTimeoutError(ProviderError):
+    """The provider did not answer in time."""
+
+    status = "timeout"
+
+
+class RateLimitError(ProviderError):
+    """HTTP 429. ``retry_after`` is the provider's advised wait in seconds, if it gave one."""
+
+    status = "rate_limit"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str | None = None,
+        status_code: int | None = 429,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, model=model, status_code=status_code)
+        self.retry_after = retry_after
+
+
+class ServerError(ProviderError):
+    """HTTP 5xx, 408 or 409: the provider failed, another may not."""
+
+
+class MalformedResponseError(ProviderError):
+    """A 2xx response whose body is empty, not JSON, or has no usable choice."""
+
+
+class AuthenticationError(ProviderError):
+    """HTTP 401/403: this key is bad. Another provider (another key) may still work."""
+
+    status = "auth_error"
+
+
+class BadRequestError(ProviderError):
+    """HTTP 400/404/422: the request itself is wrong; another provider would reject it too."""
+
+    retryable = False
+
+
+# --- the request as a whole ----------------------------------------------------------------
+
+
+class AllProvidersFailedError(GatewayError):
+    """Every attempt of a request failed. ``attempts`` lists them in order."""
+
+    def __init__(self, tenant_id: object, attempts: Sequence[Attempt]) -> None:
+        self.tenant_id = str(tenant_id)
+        self.attempts = tuple(attempts)
+        tried = ", ".join(f"{a.provider}/{a.model}: {a.error_class}" for a in self.attempts)
+        super().__init__(f"all providers failed for tenant {self.tenant_id} [{tried}]")
+
+    @property
+    def last_error(self) -> str | None:
+        return self.attempts[-1].error_message if self.attempts else None
