@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "ConfigUnavailableError",
     "DatabaseError",
+    "DeadlineExceededError",
     "GatewayError",
     "InvalidTenantConfigError",
     "MalformedResponseError",
@@ -119,6 +120,8 @@ class ProviderError(GatewayError):
         self.model = model
         self.status_code = status_code
         self.message = message
+        # Every attempt of the request, filled in when the router gives up with this error.
+        self.attempts: tuple[Attempt, ...] = ()
         code = f" HTTP {status_code}" if status_code is not None else ""
         super().__init__(f"{provider}{code}: {message}")
 
@@ -186,3 +189,15 @@ class AllProvidersFailedError(GatewayError):
     @property
     def last_error(self) -> str | None:
         return self.attempts[-1].error_message if self.attempts else None
+
+
+class DeadlineExceededError(AllProvidersFailedError):
+    """The request's total deadline ran out before any provider answered."""
+
+    def __init__(self, tenant_id: object, attempts: Sequence[Attempt], timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(tenant_id, attempts)
+        self.args = (
+            f"deadline of {timeout:g}s exceeded for tenant {self.tenant_id} "
+            f"after {len(self.attempts)} attempt(s)",
+        )

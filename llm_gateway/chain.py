@@ -1,0 +1,155 @@
+"""Which providers a tenant's request may use, and in what order.
+
+``build_route`` runs once per loaded config (it is cached with it); ``order_chain`` runs per
+request and only reads health state: no I/O, a handful of comparisons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from .config import TenantConfig
+from .health import HealthRegistry
+from .keys import ApiKey
+from .providers import ProviderSettings
+
+__all__ = ["ChainEntry", "TenantRoute", "build_route", "order_chain", "score"]
+
+PriceLookup = Callable[[str, str], tuple[Decimal, Decimal] | None]
+
+# Score weights (lower is better). The unit is "seconds of expected latency".
+LATENCY_PRIOR = 1.0  # a key with no history is assumed to answer in 1 s
+ERROR_WEIGHT = 4.0  # a 25% error rate doubles the expected latency
+COST_WEIGHT = 100.0  # one US cent of estimated cost weighs like one second
+NO_HEADROOM_PENALTY = 2.0  # the last response said no requests remain in the window
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    """One provider as a tenant may use it: its key, model and static facts for scoring."""
+
+    provider: str
+    model: str
+    key: ApiKey | None
+    key_source: str  # "tenant", "system" or "none" (keyless local server)
+    fingerprint: str
+    context_window: int | None
+    price_per_m: tuple[float, float] | None  # input, output USD per million tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TenantRoute:
+    """A tenant's config with its candidate entries, built once per config load."""
+
+    config: TenantConfig
+    entries: tuple[ChainEntry, ...]  # preferred, then fallback_order, then the rest
+    excluded: Mapping[str, str]  # provider -> why it can never be used for this tenant
+    pinned: frozenset[str]  # providers whose place is fixed (preferred, fallback_order)
+
+
+def build_route(
+    config: TenantConfig,
+    providers: Mapping[str, ProviderSettings],
+    price: PriceLookup,
+) -> TenantRoute:
+    """Candidate entries for a tenant: its own key first, else the system key."""
+    inference = config.inference
+    candidates: dict[str, ChainEntry] = {}
+    excluded: dict[str, str] = {}
+    for name, settings in providers.items():
+        key = config.keys.get(name)
+        source = "tenant"
+        if key is None and inference.use_system_keys:
+            key, source = settings.api_key, "system"
+        if key is None and settings.requires_key:
+            excluded[name] = (
+                "no tenant key and system keys are disabled for this tenant"
+                if not inference.use_system_keys
+                else "no tenant key and no system key"
+            )
+            continue
+        if key is None:
+            source = "none"
+        model = inference.preferred_models.get(name) or settings.default_model
+        prices = price(name, model)
+        candidates[name] = ChainEntry(
+            provider=name,
+            model=model,
+            key=key,
+            key_source=source,
+            fingerprint=key.fingerprint if key is not None else "nokey",
+            context_window=settings.models.get(model),
+            price_per_m=None if prices is None else (float(prices[0]), float(prices[1])),
+        )
+    for name in config.keys:
+        if name not in providers:
+            excluded[name] = "tenant has a key but the router has no settings for this provider"
+    order: list[str] = []
+    for wanted in (inference.preferred_provider, *inference.fallback_order):
+        if wanted and wanted in candidates and wanted not in order:
+            order.append(wanted)
+    pinned = frozenset(order)
+    order.extend(n for n in candidates if n not in pinned)
+    return TenantRoute(config, tuple(candidates[n] for n in order), excluded, pinned)
+
+
+def score(entry: ChainEntry, health: HealthRegistry, estimated_tokens: int) -> float:
+    """Expected cost of trying ``entry``, in seconds-equivalent; lower is better."""
+    state = health.peek(entry.provider, entry.fingerprint)
+    latency = LATENCY_PRIOR
+    value = 0.0
+    if state is not None:
+        if state.latency_ewma is not None:
+            latency = state.latency_ewma
+        latency *= 1.0 + ERROR_WEIGHT * state.error_ewma
+        if state.ratelimit_remaining_requests == 0:
+            value += NO_HEADROOM_PENALTY
+    value += latency
+    if entry.price_per_m is not None:
+        # Input and output alike: the output size is not known before the call.
+        value += COST_WEIGHT * estimated_tokens * max(entry.price_per_m) / 1_000_000
+    return value
+
+
+def order_chain(
+    route: TenantRoute,
+    health: HealthRegistry,
+    estimated_tokens: int,
+    now: float,
+    skipped: dict[str, str] | None = None,
+) -> list[ChainEntry]:
+    """The entries to try for one request, in order.
+
+    The preferred provider (and an explicit ``fallback_order``) keep their place; the rest are
+    ordered by :func:`score`. Entries whose model cannot fit ``estimated_tokens`` or whose key
+    is blocked (open breaker, Retry-After) are left out and reported in ``skipped``. Without
+    ``auto_failover`` only the first usable entry is returned.
+    """
+    inference = route.config.inference
+    fixed: list[ChainEntry] = []
+    rest: list[ChainEntry] = []
+    for entry in route.entries:
+        if entry.context_window is not None and estimated_tokens > entry.context_window:
+            if skipped is not None:
+                skipped[entry.provider] = (
+                    f"{entry.model} holds {entry.context_window} tokens, {estimated_tokens} needed"
+                )
+            continue
+        reason = health.blocked(health.peek(entry.provider, entry.fingerprint), now)
+        if reason is not None:
+            if skipped is not None:
+                skipped[entry.provider] = reason
+            continue
+        (fixed if entry.provider in route.pinned else rest).append(entry)
+    if len(rest) > 1:
+        rest.sort(key=lambda e: score(e, health, estimated_tokens))
+    chain = fixed + rest
+    if not inference.auto_failover:
+        # Only the preferred provider may serve; if it is blocked, nothing else is tried.
+        preferred = inference.preferred_provider
+        if preferred is not None:
+            return [e for e in chain if e.provider == preferred]
+        return chain[:1]
+    return chain

@@ -1,0 +1,102 @@
+"""Applies the numbered SQL migrations under ``sql/migrations`` and records them."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import asyncpg
+
+from .errors import DatabaseError
+
+__all__ = ["Migration", "apply_migrations", "load_migrations", "sql_dir"]
+
+_NAME = re.compile(r"^(\d{3,})_([a-z0-9_]+)\.sql$")
+# One fixed advisory-lock key, so two instances starting at once apply migrations in turn.
+_LOCK_KEY = 0x4C4C4D_4757  # "LLMGW"
+
+_TABLE = """
+CREATE TABLE IF NOT EXISTS llm_gateway_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()[:16]
+
+
+def sql_dir() -> Path:
+    """The ``sql/`` folder: shipped inside the wheel, or the repository's in a source checkout."""
+    shipped = Path(str(resources.files("llm_gateway"))) / "_sql"
+    if shipped.is_dir():
+        return shipped
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    folder = directory or sql_dir() / "migrations"
+    found: list[Migration] = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _NAME.match(path.name)
+        if match is None:
+            raise ValueError(f"migration file {path.name!r} is not named NNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise ValueError(f"duplicate migration versions in {folder}")
+    return found
+
+
+async def apply_migrations(dsn: str, *, directory: Path | None = None) -> list[int]:
+    """Apply every migration not yet recorded in ``llm_gateway_migrations``.
+
+    Each migration runs in its own transaction under an advisory lock. Returns the versions
+    applied by this call (empty when the schema is current).
+    """
+    migrations = load_migrations(directory)
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL to migrate: {exc}") from exc
+    applied: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        try:
+            await conn.execute(_TABLE)
+            done = {
+                r["version"] for r in await conn.fetch("SELECT version FROM llm_gateway_migrations")
+            }
+            for migration in migrations:
+                if migration.version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO llm_gateway_migrations (version, name, checksum)"
+                        " VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+                applied.append(migration.version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    except asyncpg.PostgresError as exc:
+        raise DatabaseError(f"migration failed: {exc}") from exc
+    finally:
+        await conn.close()
+    return applied

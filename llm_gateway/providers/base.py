@@ -1,0 +1,241 @@
+"""What every provider family shares: settings, the normalised response, and the call itself."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from ..errors import MalformedResponseError
+from ..keys import ApiKey
+from .errors import classify
+
+try:
+    import orjson
+
+    _loads: Any = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    import json
+
+    _loads = json.loads
+
+Family = Literal["openai", "groq"]
+
+# Placeholder the SDK clients are built with: the real key of each request is sent per request,
+# so a bug that forgot it fails with a 401 instead of leaking another tenant's key.
+NO_KEY = "llm-gateway-no-key"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    """How to reach one provider. ``api_key`` is the system key (``None``: tenants' keys only)."""
+
+    name: str
+    family: Family
+    base_url: str
+    default_model: str
+    api_key: ApiKey | None = None
+    # Whether requests need a key at all (a local server usually does not).
+    requires_key: bool = True
+    max_connections: int = 100
+    max_keepalive: int = 20
+    connect_timeout: float = 5.0
+    models: Mapping[str, int] = field(default_factory=dict)  # model -> context window (tokens)
+
+    def with_key(self, key: str | None) -> ProviderSettings:
+        return replace(self, api_key=ApiKey(key, "system") if key else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Defaults:
+    family: Family
+    base_url: str
+    default_model: str
+    key_env: str
+    url_env: str
+    requires_key: bool = True
+
+
+_DEFAULTS: dict[str, _Defaults] = {
+    "groq": _Defaults(
+        "groq", "https://api.groq.com", "llama-3.3-70b-versatile", "GROQ_API_KEY", "GROQ_BASE_URL"
+    ),
+    "openrouter": _Defaults(
+        "openai",
+        "https://openrouter.ai/api/v1",
+        "deepseek/deepseek-r1",
+        "OPENROUTER_API_KEY",
+        "OPENROUTER_BASE_URL",
+    ),
+    "llm7": _Defaults(
+        "openai", "https://api.llm7.io/v1", "gpt-4o-mini", "LLM7_API_KEY", "LLM7_BASE_URL"
+    ),
+    "openai": _Defaults(
+        "openai", "https://api.openai.com/v1", "gpt-4o-mini", "OPENAI_API_KEY", "OPENAI_BASE_URL"
+    ),
+    "local": _Defaults(
+        "openai", "", "default", "LOCAL_LLM_API_KEY", "LOCAL_LLM_BASE_URL", requires_key=False
+    ),
+}
+
+# Context windows of the default and commonly configured models; unknown models are not
+# excluded for size, only scored without the context-fit term.
+CONTEXT_WINDOWS: dict[str, dict[str, int]] = {
+    "groq": {
+        "llama-3.3-70b-versatile": 131_072,
+        "llama-3.1-70b-versatile": 131_072,
+        "llama-3.1-8b-instant": 131_072,
+        "mixtral-8x7b-32768": 32_768,
+    },
+    "openrouter": {
+        "deepseek/deepseek-r1": 163_840,
+        "anthropic/claude-3.5-sonnet": 200_000,
+        "google/gemini-pro-1.5": 2_000_000,
+    },
+    "llm7": {"gpt-4o-mini": 128_000, "gpt-4o": 128_000, "gpt-4-turbo": 128_000},
+    "openai": {"gpt-4o-mini": 128_000, "gpt-4o": 128_000},
+    "local": {},
+}
+
+
+def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, ProviderSettings]:
+    """Provider settings from the usual environment variables.
+
+    ``local`` is included only when ``LOCAL_LLM_BASE_URL`` is set (``LOCAL_LLM_MODEL`` names
+    its model). Every other provider is always included; it has a system key only when its
+    ``*_API_KEY`` variable is set.
+    """
+    env = os.environ if env is None else env
+    found: dict[str, ProviderSettings] = {}
+    for name, d in _DEFAULTS.items():
+        base_url = env.get(d.url_env) or d.base_url
+        if not base_url:
+            continue
+        model = env.get("LOCAL_LLM_MODEL", d.default_model) if name == "local" else d.default_model
+        key = env.get(d.key_env) or None
+        found[name] = ProviderSettings(
+            name=name,
+            family=d.family,
+            base_url=base_url.rstrip("/"),
+            default_model=model,
+            api_key=ApiKey(key, "system") if key else None,
+            requires_key=d.requires_key,
+            models=CONTEXT_WINDOWS.get(name, {}),
+        )
+    return found
+
+
+def provider_settings(
+    name: str, base_url: str, *, api_key: str | None = None, **options: Any
+) -> ProviderSettings:
+    """Settings for a known provider pointed at ``base_url`` (tests, proxies, self-hosting)."""
+    d = _DEFAULTS[name]
+    params: dict[str, Any] = {
+        "family": d.family,
+        "default_model": d.default_model,
+        "requires_key": d.requires_key,
+        "models": CONTEXT_WINDOWS.get(name, {}),
+    }
+    params.update(options)
+    return ProviderSettings(
+        name=name,
+        base_url=base_url.rstrip("/"),
+        api_key=ApiKey(api_key, "system") if api_key else None,
+        **params,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderResponse:
+    """A successful completion, normalised across providers."""
+
+    content: str
+    model: str
+    finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None
+    input_tokens: int | None
+    output_tokens: int | None
+    headers: Mapping[str, str]
+    raw: dict[str, Any]
+
+
+def parse_completion(
+    provider: str, requested_model: str, body: bytes, headers: Any
+) -> ProviderResponse:
+    """Turn a 2xx body into a :class:`ProviderResponse`, or raise MalformedResponseError."""
+    if not body:
+        raise MalformedResponseError(
+            "empty response body", provider=provider, model=requested_model
+        )
+    try:
+        data = _loads(body)
+    except ValueError:
+        raise MalformedResponseError(
+            f"response body is not JSON ({body[:40]!r})", provider=provider, model=requested_model
+        ) from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        error = data.get("error") if isinstance(data, dict) else None
+        reason = f"in-band error: {error}" if error else "no choices in response"
+        raise MalformedResponseError(reason, provider=provider, model=requested_model)
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content = message.get("content")
+    tool_calls = message.get("tool_calls") or None
+    if content is None and tool_calls is None:
+        raise MalformedResponseError(
+            "choice has neither content nor tool calls", provider=provider, model=requested_model
+        )
+    usage = data.get("usage") or {}
+    return ProviderResponse(
+        content=content or "",
+        model=data.get("model") or requested_model,
+        finish_reason=choice.get("finish_reason"),
+        tool_calls=tool_calls,
+        input_tokens=usage.get("prompt_tokens"),
+        output_tokens=usage.get("completion_tokens"),
+        headers=headers,
+        raw=data,
+    )
+
+
+class Provider:
+    """One provider's SDK client, shared by every request and tenant of a router.
+
+    The SDK client owns one pooled HTTP client; the tenant's key travels in each request's
+    ``Authorization`` header, so keys never create clients or pools. SDK retries are off:
+    the router owns retries and failover.
+    """
+
+    def __init__(self, settings: ProviderSettings, client: Any) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self._client = client
+        self._create = client.chat.completions.with_raw_response.create
+
+    async def complete(
+        self,
+        *,
+        key: ApiKey | None,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        timeout: float,
+    ) -> ProviderResponse:
+        headers = {"Authorization": f"Bearer {key.reveal()}"} if key is not None else None
+        try:
+            raw = await self._create(
+                model=model, messages=messages, extra_headers=headers, timeout=timeout, **params
+            )
+            body = raw.http_response.content
+        except Exception as exc:
+            error = classify(exc, self.name, model, key)
+        else:
+            return parse_completion(self.name, model, body, raw.headers)
+        # Raised outside the except block: the SDK exception holds the request, whose headers
+        # hold the key, and must not ride along as __context__.
+        raise error
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,117 @@
+"""Classifies every failure of a provider call, in one place, into the gateway's errors.
+
+Both official SDKs (openai, groq) are generated from the same template, so their exception
+classes carry the same attributes; they are matched by those, not by module.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import groq
+import openai
+
+from ..errors import (
+    AuthenticationError,
+    BadRequestError,
+    MalformedResponseError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitError,
+    ServerError,
+)
+from ..keys import ApiKey
+
+_TIMEOUT = (openai.APITimeoutError, groq.APITimeoutError)
+_CONNECTION = (openai.APIConnectionError, groq.APIConnectionError)
+_STATUS = (openai.APIStatusError, groq.APIStatusError)
+_VALIDATION = (openai.APIResponseValidationError, groq.APIResponseValidationError)
+
+# Groq puts the wait in the message: "Please try again in 5.289s" / "in 1m2.5s" / "in 590ms".
+_TRY_AGAIN = re.compile(r"try again in (?:(\d+)m(?!s))?(?:([\d.]+)(ms|s))?", re.IGNORECASE)
+_MAX_MESSAGE = 500
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, message: str = "") -> float | None:
+    """Seconds to wait before using the same key again, from headers or the error message."""
+    if headers:
+        ms = headers.get("retry-after-ms")
+        if ms:
+            try:
+                return max(0.0, float(ms) / 1000)
+            except ValueError:
+                pass
+        value = headers.get("retry-after")
+        if value:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                parsed = email.utils.parsedate_to_datetime(value) if "," in value else None
+                if parsed is not None:
+                    return max(0.0, parsed.timestamp() - time.time())
+    match = _TRY_AGAIN.search(message)
+    if match and (match[1] or match[2]):
+        minutes = float(match[1] or 0)
+        amount = float(match[2] or 0)
+        return minutes * 60 + (amount / 1000 if match[3] == "ms" else amount)
+    return None
+
+
+def _body_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, Mapping):
+        error = body.get("error", body)
+        if isinstance(error, Mapping) and error.get("message"):
+            return str(error["message"])
+    return str(getattr(exc, "message", "") or type(exc).__name__)
+
+
+def _scrub(message: str, key: ApiKey | None) -> str:
+    if key is not None:
+        message = message.replace(key.reveal(), f"<key {key.fingerprint}>")
+    return message[:_MAX_MESSAGE]
+
+
+def classify(
+    exc: BaseException, provider: str, model: str | None, key: ApiKey | None = None
+) -> ProviderError:
+    """The gateway error for an exception raised by an SDK call (never re-raises it)."""
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, _TIMEOUT):
+        return ProviderTimeoutError("request timed out", provider=provider, model=model)
+    if isinstance(exc, _CONNECTION):
+        cause = exc.__cause__ or exc.__context__
+        detail = type(cause).__name__ if cause is not None else "connection failed"
+        return ProviderConnectionError(
+            f"connection error ({detail})", provider=provider, model=model
+        )
+    if isinstance(exc, _STATUS):
+        code = exc.status_code
+        message = _scrub(_body_message(exc), key)
+        if code == 429:
+            retry_after = parse_retry_after(exc.response.headers, message)
+            return RateLimitError(message, provider=provider, model=model, retry_after=retry_after)
+        if code in (401, 403):
+            return AuthenticationError(message, provider=provider, model=model, status_code=code)
+        if code in (408, 409) or code >= 500:
+            return ServerError(message, provider=provider, model=model, status_code=code)
+        return BadRequestError(message, provider=provider, model=model, status_code=code)
+    if isinstance(exc, _VALIDATION | ValueError):
+        return MalformedResponseError(
+            f"unreadable response ({type(exc).__name__})", provider=provider, model=model
+        )
+    if isinstance(exc, TimeoutError):
+        return ProviderTimeoutError("request timed out", provider=provider, model=model)
+    if isinstance(exc, OSError):
+        return ProviderConnectionError(
+            f"connection error ({type(exc).__name__})", provider=provider, model=model
+        )
+    return ProviderError(
+        f"unexpected {type(exc).__name__}: {_scrub(str(exc), key)}", provider=provider, model=model
+    )
