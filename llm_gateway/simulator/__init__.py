@@ -1,0 +1,80 @@
+"""A simulated OpenAI-compatible provider: a real loopback HTTP server for tests and demos.
+
+>>> async with SimulatedProvider(name="a") as sim:          # doctest: +SKIP
+...     client = openai.AsyncOpenAI(api_key="k", base_url=sim.base_url)
+...     sim.script("429", "ok")   # next request rate-limited, the one after answers
+
+Behaviour names (``fail_with=``, :meth:`SimulatedProvider.script`) are listed in
+:data:`BEHAVIOURS`; see :mod:`.behaviour`. From a shell: ``python -m llm_gateway.simulator``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+
+from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour
+from .server import RecordedRequest, SimulatedProvider
+
+__all__ = [
+    "BEHAVIOURS",
+    "STREAM_ONLY_BEHAVIOURS",
+    "Behaviour",
+    "RecordedRequest",
+    "SimulatedProvider",
+    "run_simulator",
+]
+
+
+def run_simulator(
+    port: int,
+    *,
+    latency_ms: float = 0.0,
+    fail_rate: float = 0.0,
+    fail_with: str | None = None,
+    host: str = "127.0.0.1",
+    name: str = "sim",
+    retry_after: float | None = 1.0,
+    model: str | None = None,
+    seed: int | None = None,
+    flavor: str = "openai",
+) -> None:
+    """Serve a :class:`SimulatedProvider` until SIGINT/SIGTERM (blocking; for the CLI).
+
+    Prints the base URL (``http://HOST:PORT/v1``) on its own line on stdout once listening.
+    """
+    sim = SimulatedProvider(
+        name=name,
+        host=host,
+        port=port,
+        latency_ms=latency_ms,
+        fail_rate=fail_rate,
+        fail_with=fail_with,
+        retry_after=retry_after,
+        model=model,
+        seed=seed,
+        flavor=flavor,
+        record_requests=False,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_until_signalled(sim))
+
+
+async def _serve_until_signalled(sim: SimulatedProvider) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows / not main thread
+            pass
+    try:
+        async with sim:
+            print(sim.base_url, flush=True)
+            await stop.wait()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
