@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from .errors import InvalidTenantConfigError, UnknownProviderError
@@ -130,11 +131,9 @@ def _as_object(tenant_id: uuid.UUID, column: str, raw: object) -> Mapping[str, A
     if raw is None:
         return {}
     if isinstance(raw, str | bytes):
-        # asyncpg without a codec returns jsonb as text; a JSON *string* value lands here too.
-        import json
-
+        # The column as JSON text: parse it here, so a JSON string value is caught below.
         try:
-            raw = json.loads(raw)
+            raw = orjson.loads(raw)
         except ValueError as exc:
             raise InvalidTenantConfigError(tenant_id, column, f"not valid JSON ({exc})") from None
         if isinstance(raw, str):

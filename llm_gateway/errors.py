@@ -22,6 +22,7 @@ __all__ = [
     "GatewayError",
     "InvalidTenantConfigError",
     "MalformedResponseError",
+    "MidStreamError",
     "NoProviderAvailableError",
     "ProviderConnectionError",
     "ProviderError",
@@ -166,6 +167,20 @@ class AuthenticationError(ProviderError):
     """HTTP 401/403: this key is bad. Another provider (another key) may still work."""
 
     status = "auth_error"
+
+
+class MidStreamError(ProviderError):
+    """A stream failed after content had reached the caller; it is not failed over.
+
+    ``partial_content`` is what the caller already received.
+    """
+
+    def __init__(
+        self, message: str, *, provider: str, model: str | None, partial_content: str, cause: str
+    ) -> None:
+        super().__init__(message, provider=provider, model=model)
+        self.partial_content = partial_content
+        self.cause = cause
 
 
 class BadRequestError(ProviderError):

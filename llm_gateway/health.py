@@ -124,6 +124,10 @@ class HealthRegistry:
             if remaining is not None and remaining.isdigit():
                 state.ratelimit_remaining_requests = int(remaining)
 
+    def on_cancel(self, state: KeyHealth) -> None:
+        """The caller gave up: says nothing about the key, but frees a half-open probe."""
+        state.probe_in_flight = False
+
     def on_failure(self, state: KeyHealth, error: ProviderError) -> None:
         if not error.retryable:
             # The request was at fault, not the provider.

@@ -19,7 +19,12 @@ __all__ = ["TenantConfigStore", "UnknownTenantPolicy", "as_tenant_id"]
 UnknownTenantPolicy = Literal["error", "system_defaults"]
 T = TypeVar("T")
 
-_QUERY = "SELECT name, llm_tokens, inference_config, updated_at FROM tenants WHERE id = $1"
+# As text, so the JSON is parsed in one place whatever codecs the pool has: a JSON *string*
+# (double-encoded config) must stay distinguishable from an object.
+_QUERY = (
+    "SELECT name, llm_tokens::text AS llm_tokens, inference_config::text AS inference_config,"
+    " updated_at FROM tenants WHERE id = $1"
+)
 
 
 def as_tenant_id(value: uuid.UUID | str) -> uuid.UUID:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ..errors import MalformedResponseError
+from ..errors import MalformedResponseError, ProviderError
 from ..keys import ApiKey
 from .errors import classify
 
@@ -213,6 +214,7 @@ class Provider:
         self.name = settings.name
         self._client = client
         self._create = client.chat.completions.with_raw_response.create
+        self._stream = client.chat.completions.with_streaming_response.create
 
     async def complete(
         self,
@@ -237,5 +239,88 @@ class Provider:
         # hold the key, and must not ride along as __context__.
         raise error
 
+    async def open_stream(
+        self,
+        *,
+        key: ApiKey | None,
+        model: str,
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        timeout: float,
+    ) -> ProviderStream:
+        """Send a streaming request; returns once the response headers arrived (2xx).
+
+        ``timeout`` bounds each network read (the between-chunk timeout); the caller bounds
+        the time to the first token. The returned stream must be closed.
+        """
+        headers = {"Authorization": f"Bearer {key.reveal()}"} if key is not None else None
+        options = dict(params)
+        if self.settings.family == "openai":
+            # Groq always reports usage (x_groq.usage) and its SDK has no stream_options.
+            stream_options = dict(options.pop("stream_options", None) or {})
+            stream_options.setdefault("include_usage", True)
+            options["stream_options"] = stream_options
+        try:
+            manager = self._stream(
+                model=model,
+                messages=messages,
+                stream=True,
+                extra_headers=headers,
+                timeout=timeout,
+                **options,
+            )
+            response = await manager.__aenter__()
+        except Exception as exc:
+            error = classify(exc, self.name, model, key)
+        else:
+            return ProviderStream(self.name, model, manager, response, key)
+        raise error
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class ProviderStream:
+    """An open streaming response. ``events()`` yields parsed chunks; always ``aclose()``."""
+
+    def __init__(
+        self, provider: str, model: str, manager: Any, response: Any, key: ApiKey | None
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self._manager = manager
+        self._response = response
+        self._key = key
+        self.headers: Mapping[str, str] = response.headers
+        content_type = self.headers.get("content-type", "")
+        self._is_sse = "text/event-stream" in content_type
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Parsed chunks; SDK and transport errors come out as the gateway's typed errors."""
+        from .sse import iter_events
+
+        if not self._is_sse:
+            raise MalformedResponseError(
+                f"expected an event stream, got {self.headers.get('content-type')!r}",
+                provider=self.provider,
+                model=self.model,
+            )
+        iterator = iter_events(self._response.iter_lines(), self.provider, self.model)
+        while True:
+            try:
+                event = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            except ProviderError:
+                raise
+            except Exception as exc:
+                error = classify(exc, self.provider, self.model, self._key)
+            else:
+                yield event
+                continue
+            raise error
+
+    async def aclose(self) -> None:
+        """Release the connection to the pool (idempotent, safe in any state)."""
+        with contextlib.suppress(Exception):
+            await self._manager.__aexit__(None, None, None)

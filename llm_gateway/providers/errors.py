@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import groq
+import httpx
+import httpx2
 import openai
 
 from ..errors import (
@@ -31,6 +33,9 @@ _TIMEOUT = (openai.APITimeoutError, groq.APITimeoutError)
 _CONNECTION = (openai.APIConnectionError, groq.APIConnectionError)
 _STATUS = (openai.APIStatusError, groq.APIStatusError)
 _VALIDATION = (openai.APIResponseValidationError, groq.APIResponseValidationError)
+# Raised unwrapped by the SDKs while a streamed body is read.
+_HTTP_TIMEOUT = (httpx.TimeoutException, httpx2.TimeoutException)
+_HTTP_TRANSPORT = (httpx.TransportError, httpx2.TransportError)
 
 # Groq puts the wait in the message: "Please try again in 5.289s" / "in 1m2.5s" / "in 590ms".
 _TRY_AGAIN = re.compile(r"try again in (?:(\d+)m(?!s))?(?:([\d.]+)(ms|s))?", re.IGNORECASE)
@@ -83,8 +88,12 @@ def classify(
     """The gateway error for an exception raised by an SDK call (never re-raises it)."""
     if isinstance(exc, ProviderError):
         return exc
-    if isinstance(exc, _TIMEOUT):
+    if isinstance(exc, (*_TIMEOUT, *_HTTP_TIMEOUT)):
         return ProviderTimeoutError("request timed out", provider=provider, model=model)
+    if isinstance(exc, _HTTP_TRANSPORT):
+        return ProviderConnectionError(
+            f"connection error ({type(exc).__name__})", provider=provider, model=model
+        )
     if isinstance(exc, _CONNECTION):
         cause = exc.__cause__ or exc.__context__
         detail = type(cause).__name__ if cause is not None else "connection failed"
@@ -102,7 +111,7 @@ def classify(
         if code in (408, 409) or code >= 500:
             return ServerError(message, provider=provider, model=model, status_code=code)
         return BadRequestError(message, provider=provider, model=model, status_code=code)
-    if isinstance(exc, _VALIDATION | ValueError):
+    if isinstance(exc, (*_VALIDATION, ValueError)):
         return MalformedResponseError(
             f"unreadable response ({type(exc).__name__})", provider=provider, model=model
         )

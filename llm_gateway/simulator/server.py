@@ -131,6 +131,8 @@ class SimulatedProvider:
         self.record_requests = record_requests
         self.rate_limit_requests = rate_limit_requests
         self.rate_limit_tokens = rate_limit_tokens
+        self.key_behaviours: dict[str, str | Behaviour] = {}
+        """Per API key: every chat request carrying that key behaves like this (e.g. "401")."""
         self.requests: list[RecordedRequest] = []
         """Every request received, in order."""
         self._requested_port = port
@@ -219,7 +221,9 @@ class SimulatedProvider:
         self.requests.clear()
         self._script.clear()
 
-    def _choose(self) -> Behaviour:
+    def _choose(self, api_key: str | None = None) -> Behaviour:
+        if api_key is not None and api_key in self.key_behaviours:
+            return as_behaviour(self.key_behaviours[api_key])
         if self._script:
             return self._script.popleft()
         fail_with, rate = self.fail_with, self.fail_rate
@@ -313,7 +317,7 @@ class SimulatedProvider:
         writer: asyncio.StreamWriter,
         keep: bool,
     ) -> bool:
-        beh = self._choose()
+        beh = self._choose(rec.api_key)
         rec.behaviour = beh.kind
         self._seq += 1
         latency = beh.latency_ms if beh.latency_ms is not None else self.latency_ms

@@ -1,0 +1,121 @@
+"""Turns each attempt of a request into one usage row and one :class:`Attempt`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from usage import ModelUsageTracker, UsageRecord
+from usage.pricing import PriceBook
+
+from .chain import ChainEntry
+from .errors import ProviderError
+from .types import Attempt, TaskType
+
+__all__ = ["RequestLedger"]
+
+
+class RequestLedger:
+    """The attempts of one request, each queued as a usage row as soon as it ends.
+
+    Queueing is ``tracker.record()``: synchronous, no I/O. Rows of one request share
+    ``request_id`` and are numbered by ``attempt``.
+    """
+
+    __slots__ = (
+        "attempts",
+        "endpoint",
+        "metadata",
+        "prices",
+        "request_id",
+        "task_type",
+        "tenant_id",
+        "tracker",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        tenant_id: uuid.UUID,
+        tracker: ModelUsageTracker | None,
+        prices: PriceBook,
+        endpoint: str,
+        user_id: str | None,
+        task_type: TaskType,
+        metadata: Mapping[str, Any] | None,
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.tracker = tracker
+        self.prices = prices
+        self.endpoint = endpoint
+        self.user_id = user_id
+        self.task_type = task_type
+        self.metadata = metadata
+        self.request_id = uuid.uuid4()
+        self.attempts: list[Attempt] = []
+
+    def record(
+        self,
+        entry: ChainEntry,
+        outcome: str,
+        latency: float,
+        *,
+        model: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        error: ProviderError | BaseException | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> tuple[Attempt, Decimal | None]:
+        """Queue the usage row of one finished attempt; returns it as an Attempt and its cost."""
+        served = model or entry.model
+        price = self.prices.lookup(entry.provider, served)
+        cost = None if price is None else price.cost(input_tokens, output_tokens)
+        usage_id = uuid.uuid4()
+        message = None if error is None else (str(error) or type(error).__name__)
+        if self.tracker is not None:
+            meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
+            if extra:
+                meta.update(extra)
+            if self.metadata:
+                meta.update(self.metadata)
+            self.tracker.record(
+                UsageRecord(
+                    id=usage_id,
+                    tenant_id=self.tenant_id,
+                    user_id=self.user_id,
+                    provider=entry.provider,
+                    model_name=served,
+                    endpoint=self.endpoint,
+                    input_tokens=input_tokens,
+                    output_tokens=output_tokens,
+                    latency_ms=round(latency * 1000),
+                    estimated_cost_usd=cost,
+                    status=outcome,
+                    error_message=message,
+                    metadata=meta,
+                    timestamp=datetime.now(UTC),
+                    request_id=self.request_id,
+                    requested_model=entry.model,
+                    attempt=len(self.attempts) + 1,
+                    key_source=entry.key_source,
+                    input_price_per_m=None if price is None else price.input_per_m,
+                    output_price_per_m=None if price is None else price.output_per_m,
+                    price_known=price is not None,
+                )
+            )
+        attempt = Attempt(
+            provider=entry.provider,
+            model=served,
+            key_source=entry.key_source,
+            outcome=outcome,
+            latency=latency,
+            usage_id=usage_id,
+            error_class=None if error is None else type(error).__name__,
+            error_message=message,
+            status_code=getattr(error, "status_code", None),
+        )
+        self.attempts.append(attempt)
+        return attempt, cost

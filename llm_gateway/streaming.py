@@ -1,0 +1,398 @@
+"""Streamed completions: failover until the first content chunk, typed errors after it.
+
+The router reads ahead on each provider of the chain until a chunk with content (or a tool
+call) arrives; only then is the stream handed to the caller. A failure after that raises
+:class:`MidStreamError` with what was received; it is never silently switched to another
+provider. Every ending writes one usage row: success, error, timeout or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import warnings
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from .attempts import RequestLedger
+from .chain import ChainEntry
+from .errors import (
+    AllProvidersFailedError,
+    DeadlineExceededError,
+    MalformedResponseError,
+    MidStreamError,
+    ProviderError,
+    ProviderTimeoutError,
+    ServerError,
+)
+from .health import HealthRegistry, KeyHealth
+from .providers import Provider
+from .providers.base import ProviderStream
+from .types import CompletionResult
+
+__all__ = ["CompletionStream", "StreamChunk"]
+
+# Strong references to closes scheduled from __del__, so they are not garbage-collected.
+_closing: set[asyncio.Task[None]] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One piece of a streamed answer."""
+
+    content: str
+    provider: str
+    model: str
+    finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Progress:
+    """What the current attempt has received so far."""
+
+    __slots__ = (
+        "chunks",
+        "finish_reason",
+        "input_tokens",
+        "model",
+        "output_tokens",
+        "parts",
+        "tools",
+    )
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.parts: list[str] = []
+        self.tools: list[dict[str, Any]] = []
+        self.chunks = 0
+        self.finish_reason: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+
+    def apply(self, event: Mapping[str, Any], provider: str) -> StreamChunk | None:
+        """Fold one event in; the chunk to give the caller, if it carries anything."""
+        model = event.get("model")
+        if model:
+            self.model = model
+        usage = event.get("usage") or (event.get("x_groq") or {}).get("usage")
+        if usage:
+            # An explicit 0 stays 0; a missing count stays unknown.
+            self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
+            self.output_tokens = usage.get("completion_tokens", self.output_tokens)
+        choices = event.get("choices")
+        if not choices:
+            return None
+        choice = choices[0]
+        finish = choice.get("finish_reason")
+        if finish == "error":
+            raise ServerError("stream finished with an error", provider=provider, model=self.model)
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        tools = delta.get("tool_calls") or None
+        if finish:
+            self.finish_reason = finish
+        if not text and tools is None and not finish:
+            return None
+        if text:
+            self.parts.append(text)
+        if tools:
+            self.tools.extend(tools)
+        self.chunks += 1
+        return StreamChunk(text, provider, self.model, finish, tools)
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.parts or self.tools)
+
+    def tokens(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None, bool]:
+        """Input and output tokens: reported ones, else an estimate (flagged)."""
+        if self.input_tokens is not None and self.output_tokens is not None:
+            return self.input_tokens, self.output_tokens, False
+        prompt = sum(len(str(m.get("content") or "")) for m in messages)
+        inp = self.input_tokens if self.input_tokens is not None else prompt // 4 + 1
+        out = self.output_tokens
+        if out is None:
+            out = sum(len(p) for p in self.parts) // 4 + (1 if self.parts else 0)
+        return inp, out, True
+
+
+class CompletionStream:
+    """An async iterator of :class:`StreamChunk`; use ``async with`` or call :meth:`aclose`.
+
+    Made by :meth:`TenantLLMRouter.stream_for_tenant`, which returns it only once a provider
+    has produced content. :attr:`result` holds the :class:`CompletionResult` after the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        chain: Sequence[ChainEntry],
+        providers: Mapping[str, Provider],
+        health: HealthRegistry,
+        ledger: RequestLedger,
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        started: float,
+        budget: float,
+        ttft_timeout: float,
+        chunk_timeout: float,
+    ) -> None:
+        self._chain = chain
+        self._providers = providers
+        self._health = health
+        self._ledger = ledger
+        self._messages = messages
+        self._params = params
+        self._started = started
+        self._budget = budget
+        self._ttft_timeout = ttft_timeout
+        self._chunk_timeout = chunk_timeout
+        self._entry: ChainEntry | None = None
+        self._state: KeyHealth | None = None
+        self._stream: ProviderStream | None = None
+        self._events: AsyncIterator[dict[str, Any]] | None = None
+        self._progress: _Progress | None = None
+        self._pending: StreamChunk | None = None
+        self._attempt_started = 0.0
+        self._ttft = 0.0
+        self._done = False
+        self.result: CompletionResult | None = None
+
+    # --- opening: failover until the first content chunk ------------------------------------
+
+    async def _open(self) -> None:
+        deadline = self._started + self._budget
+        ledger, health = self._ledger, self._health
+        deadline_hit = False
+        for entry in self._chain:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            state = health.get(entry.provider, entry.fingerprint)
+            health.on_attempt(state)
+            progress = _Progress(entry.model)
+            self._attempt_started = t0 = time.monotonic()
+            stream: ProviderStream | None = None
+            error: ProviderError
+            try:
+                async with asyncio.timeout(min(self._ttft_timeout, remaining)):
+                    stream = await self._providers[entry.provider].open_stream(
+                        key=entry.key,
+                        model=entry.model,
+                        messages=self._messages,
+                        params=self._params,
+                        timeout=min(self._chunk_timeout, remaining),
+                    )
+                    events = stream.events()
+                    first = None
+                    while first is None:
+                        first = progress.apply(await anext(events), entry.provider)
+                    if not progress.has_content:
+                        raise MalformedResponseError(
+                            "stream finished before any content",
+                            provider=entry.provider,
+                            model=entry.model,
+                        )
+            except ProviderError as exc:
+                error = exc
+            except TimeoutError:
+                error = ProviderTimeoutError(
+                    f"no first token within {min(self._ttft_timeout, remaining):.3g}s",
+                    provider=entry.provider,
+                    model=entry.model,
+                )
+                deadline_hit = self._ttft_timeout >= remaining
+            except StopAsyncIteration:
+                error = MalformedResponseError(
+                    "stream closed with no content", provider=entry.provider, model=entry.model
+                )
+            except asyncio.CancelledError as cancelled:
+                if stream is not None:
+                    await stream.aclose()
+                health.on_cancel(state)
+                inp, out, estimated = progress.tokens(self._messages)
+                ledger.record(
+                    entry,
+                    "cancelled",
+                    time.monotonic() - t0,
+                    model=progress.model,
+                    input_tokens=inp,
+                    output_tokens=out,
+                    error=cancelled,
+                    extra={"stream": True, "tokens_estimated": estimated},
+                )
+                raise
+            else:
+                self._entry, self._state, self._stream = entry, state, stream
+                self._events, self._progress, self._pending = events, progress, first
+                self._ttft = time.monotonic() - t0
+                return
+            if stream is not None:
+                await stream.aclose()
+            health.on_failure(state, error)
+            ledger.record(
+                entry, error.status, time.monotonic() - t0, error=error, extra={"stream": True}
+            )
+            if not error.retryable:
+                error.attempts = tuple(ledger.attempts)
+                raise error
+        tenant = ledger.tenant_id
+        if deadline_hit or time.monotonic() >= deadline:
+            raise DeadlineExceededError(tenant, ledger.attempts, self._budget)
+        raise AllProvidersFailedError(tenant, ledger.attempts)
+
+    # --- iteration -------------------------------------------------------------------------
+
+    def __aiter__(self) -> CompletionStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            return pending
+        if self._done:
+            raise StopAsyncIteration
+        assert self._events is not None and self._progress is not None and self._entry is not None
+        progress, entry = self._progress, self._entry
+        try:
+            async with asyncio.timeout(self._chunk_timeout):
+                while True:
+                    chunk = progress.apply(await anext(self._events), entry.provider)
+                    if chunk is not None:
+                        return chunk
+        except StopAsyncIteration:
+            pass
+        except ProviderError as exc:
+            await self._fail(exc)
+        except TimeoutError:
+            await self._fail(
+                ProviderTimeoutError(
+                    f"no chunk within {self._chunk_timeout:g}s",
+                    provider=entry.provider,
+                    model=progress.model,
+                )
+            )
+        except asyncio.CancelledError:
+            await self._end("cancelled", None)
+            raise
+        if progress.finish_reason is None:
+            await self._fail(
+                MalformedResponseError(
+                    "stream ended without a finish reason",
+                    provider=entry.provider,
+                    model=progress.model,
+                )
+            )
+        await self._end("success", None)
+        raise StopAsyncIteration
+
+    async def _fail(self, error: ProviderError) -> None:
+        await self._end(error.status, error)
+        progress, entry = self._progress, self._entry
+        assert progress is not None and entry is not None
+        raise MidStreamError(
+            f"stream failed after content reached the caller: {error}",
+            provider=entry.provider,
+            model=progress.model,
+            partial_content="".join(progress.parts),
+            cause=type(error).__name__,
+        ) from None
+
+    async def _end(self, outcome: str, error: ProviderError | None) -> None:
+        """Write the attempt's usage row and release the connection (once)."""
+        if self._done:
+            return
+        self._account(outcome, error)
+        if self._stream is not None:
+            await self._stream.aclose()
+
+    def _account(self, outcome: str, error: ProviderError | None) -> None:
+        """Health, usage row and result of the attempt that reached the caller. No I/O."""
+        self._done = True
+        entry, state, progress = self._entry, self._state, self._progress
+        assert entry is not None and state is not None and progress is not None
+        latency = time.monotonic() - self._attempt_started
+        if outcome == "success":
+            self._health.on_success(
+                state, self._ttft, self._stream.headers if self._stream else None
+            )
+        elif error is not None:
+            self._health.on_failure(state, error)
+        else:
+            self._health.on_cancel(state)
+        inp, out, estimated = progress.tokens(self._messages)
+        extra: dict[str, Any] = {
+            "stream": True,
+            "ttft_ms": round(self._ttft * 1000),
+            "chunks": progress.chunks,
+        }
+        if estimated:
+            extra["tokens_estimated"] = True
+        if progress.finish_reason:
+            extra["finish_reason"] = progress.finish_reason
+        cancelled = (
+            asyncio.CancelledError("cancelled by the caller") if outcome == "cancelled" else None
+        )
+        _, cost = self._ledger.record(
+            entry,
+            outcome,
+            latency,
+            model=progress.model,
+            input_tokens=inp,
+            output_tokens=out,
+            error=error or cancelled,
+            extra=extra,
+        )
+        if outcome == "success":
+            self.result = CompletionResult(
+                content="".join(progress.parts),
+                provider=entry.provider,
+                model=progress.model,
+                tokens_input=inp,
+                tokens_output=out,
+                cost=cost,
+                latency=time.monotonic() - self._started,
+                finish_reason=progress.finish_reason,
+                tool_calls=progress.tools or None,
+                attempts=tuple(self._ledger.attempts),
+                request_id=self._ledger.request_id,
+                requested_model=entry.model,
+                key_source=entry.key_source,
+            )
+
+    # --- closing ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop the stream; if it had not finished, its usage row says ``cancelled``."""
+        if not self._done and self._entry is not None:
+            await self._end("cancelled", None)
+
+    async def __aenter__(self) -> CompletionStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        # Dropped without aclose(): still write the row and free the connection.
+        if self._done or self._entry is None:
+            return
+        warnings.warn(
+            "CompletionStream was not closed; use `async with`", ResourceWarning, stacklevel=1
+        )
+        self._account("cancelled", None)
+        stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(RuntimeError):  # no loop: the transport closes with it
+                task = asyncio.get_running_loop().create_task(stream.aclose())
+                _closing.add(task)
+                task.add_done_callback(_closing.discard)
