@@ -122,8 +122,8 @@ def order_chain(
 ) -> list[ChainEntry]:
     """The entries to try for one request, in order.
 
-    The preferred provider (and an explicit ``fallback_order``) keep their place; the rest are
-    ordered by :func:`score`. Entries whose model cannot fit ``estimated_tokens`` or whose key
+    The preferred provider (and an explicit ``fallback_order``) keep their place; the rest
+    follow, those with the tenant's own key first, each group ordered by :func:`score`. Entries whose model cannot fit ``estimated_tokens`` or whose key
     is blocked (open breaker, Retry-After) are left out and reported in ``skipped``. Without
     ``auto_failover`` only the first usable entry is returned.
     """
@@ -144,7 +144,8 @@ def order_chain(
             continue
         (fixed if entry.provider in route.pinned else rest).append(entry)
     if len(rest) > 1:
-        rest.sort(key=lambda e: score(e, health, estimated_tokens))
+        # The tenant's own keys before the system's, each group by score.
+        rest.sort(key=lambda e: (e.key_source != "tenant", score(e, health, estimated_tokens)))
     chain = fixed + rest
     if not inference.auto_failover:
         # Only the preferred provider may serve; if it is blocked, nothing else is tried.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,16 @@ async def find_database(dsn: str | None) -> str:
 
 
 def _table(rows: list[asyncpg.Record] | list[dict[str, Any]], columns: list[str]) -> str:
-    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    def show(value: object) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, Decimal) and value == value.to_integral_value():
+            return str(value.quantize(Decimal(1)))
+        if isinstance(value, Decimal) and value.as_tuple().exponent < -6:  # type: ignore[operator]
+            return f"{value:.1f}"
+        return str(value)
+
+    cells = [[show(r[c]) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))

@@ -67,6 +67,13 @@ def test_preferred_and_fallback_order_are_kept_rest_scored() -> None:
     assert [e.provider for e in chain][2:] == ["groq"]
 
 
+def test_tenant_keys_come_before_system_keys() -> None:
+    # llm7 is far pricier, but the tenant pays for it with its own key.
+    r = route({"llm7": "tenant-llm7"})
+    names = [e.provider for e in order_chain(r, HealthRegistry(), 10_000, 0.0)]
+    assert names[0] == "llm7"
+
+
 def test_score_prefers_healthy_fast_key() -> None:
     clock = Clock()
     health = HealthRegistry(clock=clock)
