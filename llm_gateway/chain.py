@@ -123,9 +123,10 @@ def order_chain(
     """The entries to try for one request, in order.
 
     The preferred provider (and an explicit ``fallback_order``) keep their place; the rest
-    follow, those with the tenant's own key first, each group ordered by :func:`score`. Entries whose model cannot fit ``estimated_tokens`` or whose key
-    is blocked (open breaker, Retry-After) are left out and reported in ``skipped``. Without
-    ``auto_failover`` only the first usable entry is returned.
+    follow, those with the tenant's own key first, each group ordered by :func:`score`.
+    Entries whose model cannot fit ``estimated_tokens`` or whose key is blocked (open breaker,
+    Retry-After) are left out and reported in ``skipped``. Without ``auto_failover`` only the
+    first usable entry is returned.
     """
     inference = route.config.inference
     fixed: list[ChainEntry] = []
