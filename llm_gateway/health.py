@@ -58,9 +58,11 @@ class KeyHealth:
 class HealthRegistry:
     """Per-key health, updated after each attempt and read when the chain is ordered.
 
-    The breaker opens after ``failure_threshold`` consecutive retryable failures (at once for
-    a 401/403, for ``auth_cooldown``), stays open ``cooldown`` seconds, then lets one probe
-    through; the probe's success closes it, its failure opens it again.
+    The breaker opens after ``failure_threshold`` consecutive retryable failures, or when the
+    recent error rate (an EWMA over roughly the last ``1/alpha`` attempts) reaches
+    ``error_rate_threshold`` after ``min_requests`` attempts; at once for a 401/403, for
+    ``auth_cooldown``. It stays open ``cooldown`` seconds, then lets one probe through; the
+    probe's success closes it, its failure opens it again.
     """
 
     def __init__(
@@ -70,6 +72,8 @@ class HealthRegistry:
         cooldown: float = 30.0,
         auth_cooldown: float = 300.0,
         default_retry_after: float = 1.0,
+        error_rate_threshold: float = 0.5,
+        min_requests: int = 20,
         alpha: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -77,6 +81,8 @@ class HealthRegistry:
         self.cooldown = cooldown
         self.auth_cooldown = auth_cooldown
         self.default_retry_after = default_retry_after
+        self.error_rate_threshold = error_rate_threshold
+        self.min_requests = min_requests
         self.alpha = alpha
         self.clock = clock
         self._state: dict[tuple[str, str], KeyHealth] = {}
@@ -90,6 +96,13 @@ class HealthRegistry:
 
     def peek(self, provider: str, fingerprint: str) -> KeyHealth | None:
         return self._state.get((provider, fingerprint))
+
+    def rate_limit_wait(self, provider: str, fingerprint: str, now: float) -> float | None:
+        """Seconds until a key that is only waiting out a 429 may be used, else ``None``."""
+        state = self._state.get((provider, fingerprint))
+        if state is None or state.skip_until <= now or state.open_until > now:
+            return None
+        return state.skip_until - now
 
     def blocked(self, state: KeyHealth | None, now: float) -> str | None:
         """Why no attempt should be made with this key now, or ``None``."""
@@ -148,7 +161,14 @@ class HealthRegistry:
         if isinstance(error, AuthenticationError):
             state.open_until = now + self.auth_cooldown
             state.half_open = True
-        elif state.half_open or state.consecutive_failures >= self.failure_threshold:
+        elif (
+            state.half_open
+            or state.consecutive_failures >= self.failure_threshold
+            or (
+                state.requests >= self.min_requests
+                and state.error_ewma >= self.error_rate_threshold
+            )
+        ):
             state.open_until = now + self.cooldown
             state.half_open = True
 

@@ -185,18 +185,43 @@ class TenantLLMRouter:
     # --- requests --------------------------------------------------------------------------
 
     async def _plan(
-        self, tenant_id: uuid.UUID | str, estimated_tokens: int, now: float
+        self, tenant_id: uuid.UUID | str, estimated_tokens: int, deadline: float
     ) -> tuple[uuid.UUID, list[ChainEntry]]:
-        """The tenant's id and the entries to try, in order (config from cache)."""
+        """The tenant's id and the entries to try, in order (config from cache).
+
+        When every usable key is only waiting out a 429's Retry-After and the wait fits before
+        ``deadline``, sleeps it out instead of failing.
+        """
         if not self._started:
             await self.start()
         tid = as_tenant_id(tenant_id)
         route = await self._store.get(tid)
-        skipped: dict[str, str] = {}
-        chain = order_chain(route, self._health, estimated_tokens, now, skipped)
-        if not chain:
-            raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
-        return tid, chain
+        while True:
+            now = time.monotonic()
+            skipped: dict[str, str] = {}
+            chain = order_chain(route, self._health, estimated_tokens, now, skipped)
+            if chain:
+                return tid, chain
+            wait = self._rate_limit_wait(route, now)
+            if wait is None or now + wait > deadline:
+                raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
+            await asyncio.sleep(wait)
+
+    def _rate_limit_wait(self, route: TenantRoute, now: float) -> float | None:
+        """Seconds until the first rate-limited key of the chain may be used again."""
+        inference = route.config.inference
+        entries = route.entries
+        if not inference.auto_failover:
+            entries = (
+                tuple(e for e in entries if e.provider == inference.preferred_provider)[:1]
+                or entries[:1]
+            )
+        waits = [
+            w
+            for e in entries
+            if (w := self._health.rate_limit_wait(e.provider, e.fingerprint, now)) is not None
+        ]
+        return min(waits) if waits else None
 
     def _ledger(
         self,
@@ -240,78 +265,93 @@ class TenantLLMRouter:
             DeadlineExceededError: ``timeout`` ran out first.
         """
         started = time.monotonic()
-        tid, chain = await self._plan(tenant_id, estimated_tokens, started)
         budget = self.timeout if timeout is None else timeout
         deadline = started + budget
+        tid, chain = await self._plan(tenant_id, estimated_tokens, deadline)
         ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
         health = self._health
         deadline_hit = False
-        for entry in chain:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            state = health.get(entry.provider, entry.fingerprint)
-            health.on_attempt(state)
-            cap = (
-                remaining if self.attempt_timeout is None else min(remaining, self.attempt_timeout)
-            )
-            t0 = time.monotonic()
-            try:
-                async with asyncio.timeout(cap):
-                    response = await self._providers[entry.provider].complete(
-                        key=entry.key,
-                        model=entry.model,
-                        messages=messages,
-                        params=params,
-                        timeout=cap,
-                    )
-            except TimeoutError:
-                error = ProviderTimeoutError(
-                    f"no answer within {cap:.3g}s", provider=entry.provider, model=entry.model
+        retried = False
+        while True:
+            for entry in chain:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                state = health.get(entry.provider, entry.fingerprint)
+                health.on_attempt(state)
+                cap = (
+                    remaining
+                    if self.attempt_timeout is None
+                    else min(remaining, self.attempt_timeout)
                 )
-                health.on_failure(state, error)
-                ledger.record(entry, error.status, time.monotonic() - t0, error=error)
-                deadline_hit = cap >= remaining
-                continue
-            except ProviderError as error:
-                health.on_failure(state, error)
-                ledger.record(entry, error.status, time.monotonic() - t0, error=error)
-                if not error.retryable:
-                    error.attempts = tuple(ledger.attempts)
-                    raise error
-                continue
-            except asyncio.CancelledError as cancelled:
-                health.on_cancel(state)
-                ledger.record(entry, "cancelled", time.monotonic() - t0, error=cancelled)
-                raise
-            latency = time.monotonic() - t0
-            health.on_success(state, latency, response.headers)
-            extra = {"finish_reason": response.finish_reason} if response.finish_reason else None
-            _, cost = ledger.record(
-                entry,
-                "success",
-                latency,
-                model=response.model,
-                input_tokens=response.input_tokens,
-                output_tokens=response.output_tokens,
-                extra=extra,
-            )
-            return CompletionResult(
-                content=response.content,
-                provider=entry.provider,
-                model=response.model,
-                tokens_input=response.input_tokens,
-                tokens_output=response.output_tokens,
-                cost=cost,
-                latency=time.monotonic() - started,
-                finish_reason=response.finish_reason,
-                tool_calls=response.tool_calls,
-                attempts=tuple(ledger.attempts),
-                request_id=ledger.request_id,
-                requested_model=entry.model,
-                key_source=entry.key_source,
-                raw=response.raw,
-            )
+                t0 = time.monotonic()
+                try:
+                    async with asyncio.timeout(cap):
+                        response = await self._providers[entry.provider].complete(
+                            key=entry.key,
+                            model=entry.model,
+                            messages=messages,
+                            params=params,
+                            timeout=cap,
+                        )
+                except TimeoutError:
+                    error = ProviderTimeoutError(
+                        f"no answer within {cap:.3g}s", provider=entry.provider, model=entry.model
+                    )
+                    health.on_failure(state, error)
+                    ledger.record(entry, error.status, time.monotonic() - t0, error=error)
+                    deadline_hit = cap >= remaining
+                    continue
+                except ProviderError as error:
+                    health.on_failure(state, error)
+                    ledger.record(entry, error.status, time.monotonic() - t0, error=error)
+                    if not error.retryable:
+                        error.attempts = tuple(ledger.attempts)
+                        raise error
+                    continue
+                except asyncio.CancelledError as cancelled:
+                    health.on_cancel(state)
+                    ledger.record(entry, "cancelled", time.monotonic() - t0, error=cancelled)
+                    raise
+                latency = time.monotonic() - t0
+                health.on_success(state, latency, response.headers)
+                extra = (
+                    {"finish_reason": response.finish_reason} if response.finish_reason else None
+                )
+                _, cost = ledger.record(
+                    entry,
+                    "success",
+                    latency,
+                    model=response.model,
+                    input_tokens=response.input_tokens,
+                    output_tokens=response.output_tokens,
+                    extra=extra,
+                )
+                return CompletionResult(
+                    content=response.content,
+                    provider=entry.provider,
+                    model=response.model,
+                    tokens_input=response.input_tokens,
+                    tokens_output=response.output_tokens,
+                    cost=cost,
+                    latency=time.monotonic() - started,
+                    finish_reason=response.finish_reason,
+                    tool_calls=response.tool_calls,
+                    attempts=tuple(ledger.attempts),
+                    request_id=ledger.request_id,
+                    requested_model=entry.model,
+                    key_source=entry.key_source,
+                    raw=response.raw,
+                )
+            # The last key answered 429: if a key frees up within the deadline, wait once.
+            last = ledger.attempts[-1] if ledger.attempts else None
+            if retried or last is None or last.outcome != "rate_limit":
+                break
+            retried = True
+            try:
+                _, chain = await self._plan(tid, estimated_tokens, deadline)
+            except NoProviderAvailableError:
+                break
         if deadline_hit or time.monotonic() >= deadline:
             raise DeadlineExceededError(tid, ledger.attempts, budget)
         raise AllProvidersFailedError(tid, ledger.attempts)
@@ -337,7 +377,8 @@ class TenantLLMRouter:
         ``stream_options.include_usage``; the attempt's row is written however the stream ends.
         """
         started = time.monotonic()
-        tid, chain = await self._plan(tenant_id, estimated_tokens, started)
+        budget = self.timeout if timeout is None else timeout
+        tid, chain = await self._plan(tenant_id, estimated_tokens, started + budget)
         stream = CompletionStream(
             chain=chain,
             providers=self._providers,
@@ -346,7 +387,7 @@ class TenantLLMRouter:
             messages=messages,
             params=params,
             started=started,
-            budget=self.timeout if timeout is None else timeout,
+            budget=budget,
             ttft_timeout=self.ttft_timeout,
             chunk_timeout=self.chunk_timeout,
         )

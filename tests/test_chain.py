@@ -161,3 +161,20 @@ def test_request_errors_do_not_hurt_health() -> None:
 def test_parse_retry_after(headers: dict[str, str], message: str, expected: float | None) -> None:
     got = parse_retry_after(headers, message)
     assert got == pytest.approx(expected) if expected is not None else got is None
+
+
+def test_breaker_opens_on_windowed_error_rate() -> None:
+    clock = Clock()
+    health = HealthRegistry(clock=clock, failure_threshold=100, min_requests=10)
+    state = health.get("groq", "fp")
+    # Alternating failures never reach 100 in a row, but the error rate climbs past 50%.
+    for i in range(40):
+        health.on_attempt(state)
+        if i % 4 == 0:
+            health.on_success(state, 0.1)
+        else:
+            health.on_failure(state, ServerError("flaky", provider="groq", status_code=502))
+        if health.blocked(state, clock.now):
+            break
+    assert "circuit open" in (health.blocked(state, clock.now) or "")
+    assert state.consecutive_failures < 100

@@ -8,7 +8,12 @@ import uuid
 
 import asyncpg
 
-from llm_gateway import DeadlineExceededError, TenantLLMRouter, provider_settings
+from llm_gateway import (
+    AllProvidersFailedError,
+    DeadlineExceededError,
+    TenantLLMRouter,
+    provider_settings,
+)
 from llm_gateway.simulator import SimulatedProvider
 from tests.conftest import make_tenant
 
@@ -104,3 +109,28 @@ async def test_revoked_tenant_key_affects_only_that_tenant(
         # Once open, A's key is not tried again: at most the concurrent first wave reached it.
         assert g.keys_seen().count("revoked-key-of-a") <= 6
         assert "revoked-key-of-a" not in str(router.health())
+
+
+async def test_last_provider_waits_out_a_short_retry_after(
+    pg_dsn: str, pg: asyncpg.Connection
+) -> None:
+    async with SimulatedProvider(name="g", retry_after=0.3) as g:
+        providers = {"groq": provider_settings("groq", g.root_url, api_key="sys-g")}
+        t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
+        async with TenantLLMRouter(pg_dsn, providers=providers) as router:
+            g.script("429")
+            started = time.monotonic()
+            result = await router.complete_for_tenant(t, MSG)
+            waited = time.monotonic() - started
+            assert [a.outcome for a in result.attempts] == ["rate_limit", "success"]
+            assert waited >= 0.3
+
+            g.retry_after = 5  # does not fit in a 1 s deadline: fail at once, no sleep
+            g.script("429")
+            started = time.monotonic()
+            try:
+                await router.complete_for_tenant(t, MSG, timeout=1.0)
+            except AllProvidersFailedError as exc:
+                error = exc
+            assert time.monotonic() - started < 0.5
+            assert [a.outcome for a in error.attempts] == ["rate_limit"]
