@@ -1,0 +1,126 @@
+"""The writer's PostgreSQL link: one pool connection, held while healthy, replaced after errors.
+
+Also runs the periodic maintenance (``llm_gateway_maintain_usage()`` when the schema has it)
+on a second pool connection, so writes never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from . import writer as w
+from .pricing import PriceBook
+from .record import UsageRecord
+
+if TYPE_CHECKING:
+    from .writer import PoolConn
+
+log = logging.getLogger("usage")
+
+_MAINT_TIMEOUT = 120.0
+_MAINTAIN_SQL = (
+    "SELECT p.prokind FROM pg_proc p WHERE p.oid = to_regproc('llm_gateway_maintain_usage')"
+)
+
+
+class WriterLink:
+    """The pool (owned or borrowed) and the writer's connection on it.
+
+    On a borrowed pool, what the writer sets on its connection (the jsonb codec, the staging
+    table) is undone before the connection goes back.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[asyncpg.Record] | None,
+        *,
+        connect_timeout: float,
+        write_timeout: float,
+    ) -> None:
+        self.pool = pool
+        self.owns_pool = pool is None
+        self.connect_timeout = connect_timeout
+        self.write_timeout = write_timeout
+        self._conn: PoolConn | None = None
+
+    async def connection(self) -> PoolConn:
+        """The writer's connection, acquired (and prepared) if there is none or it died."""
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        await self.drop()
+        assert self.pool is not None, "start() creates the pool"
+        conn = await self.pool.acquire(timeout=self.connect_timeout)
+        try:
+            await w.set_codecs(conn)
+        except BaseException:
+            conn.terminate()
+            await self.pool.release(conn)
+            raise
+        self._conn = conn
+        return conn
+
+    async def drop(self) -> None:
+        """Discard the connection after an error: its state is unknown."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self.pool is not None:
+            conn.terminate()
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn, timeout=1.0)
+
+    async def release(self) -> None:
+        """Give a healthy connection back, undoing what the writer set on it."""
+        conn, self._conn = self._conn, None
+        if conn is None or self.pool is None:
+            return
+        try:
+            if not self.owns_pool and not conn.is_closed():
+                await w.drop_stage(conn)
+                await w.reset_codecs(conn)
+            await self.pool.release(conn, timeout=1.0)
+        except Exception:
+            conn.terminate()
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn, timeout=1.0)
+
+    async def write(self, rows: list[UsageRecord], *, idempotent: bool) -> int:
+        """One write of ``rows`` (see :mod:`usage.writer`); returns how many were new."""
+        conn = await self.connection()
+        try:
+            if idempotent:
+                return await w.upsert_rows(conn, rows, timeout=self.write_timeout)
+            return await w.copy_rows(conn, rows, timeout=self.write_timeout)
+        except asyncio.CancelledError:
+            conn.terminate()  # cancelled mid-statement: the session is unusable
+            raise
+        except Exception as exc:
+            if w.classify_error(exc) == "transient":
+                await self.drop()
+            raise
+
+    async def maintain(self, prices: PriceBook) -> None:
+        """Run ``llm_gateway_maintain_usage()`` if the schema has it, then reload prices.
+
+        Errors are logged, never raised: maintenance is retried at the next interval.
+        """
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire(timeout=self.connect_timeout) as conn:
+                kind = await conn.fetchval(_MAINTAIN_SQL)
+                if kind == "p":
+                    await conn.execute("CALL llm_gateway_maintain_usage()", timeout=_MAINT_TIMEOUT)
+                elif kind is not None:
+                    result = await conn.fetchrow(
+                        "SELECT * FROM llm_gateway_maintain_usage()", timeout=_MAINT_TIMEOUT
+                    )
+                    log.debug("usage maintenance: %s", dict(result) if result else None)
+                await prices.refresh(conn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("usage maintenance failed: %s", w.describe_error(exc))

@@ -1,0 +1,390 @@
+"""The local append-only spool: usage rows PostgreSQL could not take (yet).
+
+Format: one file per batch, ``usage-<time_ns:020>-<pid>-<seq:06>-n<rows>.jsonl``, so the name
+sorts in write order and tells the row count without opening the file. The first line is a
+header ``{"llm_gateway_spool": 1, "rows": N, "columns": [...], ...}``; each following line is
+one row as a JSON object keyed by :data:`usage.record.COLUMNS` (uuids, decimals and
+timestamps as strings). Each file is fsynced, then its directory.
+
+Concurrency: a writer creates the file under a hidden temporary name, takes ``flock(LOCK_EX)``,
+renames it to its final name and only then writes, so a replayer never sees a file that is
+still being written. A replayer takes the same lock without blocking (skips the file if it is
+held), checks that the name still points to the locked inode, and deletes the file only after
+PostgreSQL confirmed its rows. The lock dies with the process, so a crashed replayer frees
+its file. Replays are idempotent on the row id, so a crash between commit and delete is safe.
+
+A line that does not parse (torn write, disk corruption) is logged, counted, copied to
+``rejected/`` and skipped; the rest of the file is replayed.
+
+All methods block (file I/O and fsync): call them from a worker thread in async code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+
+from .record import COLUMNS, UsageRecord
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: single-process spool only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["SPOOL_VERSION", "ClaimedFile", "Spool", "SpoolFile", "default_spool_dir"]
+
+log = logging.getLogger("usage")
+
+SPOOL_VERSION: Final = 1
+_NAME = re.compile(r"^usage-(\d{20})-(\d+)-(\d{6})-n(\d+)\.jsonl$")
+_TMP_PREFIX = ".tmp-"
+
+try:
+    import orjson
+
+    _OPTS = orjson.OPT_NON_STR_KEYS
+
+    def _dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj, default=str, option=_OPTS)
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is optional
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, default=str, separators=(",", ":")).encode()
+
+    _loads = json.loads
+
+
+def default_spool_dir() -> Path:
+    """``$LLM_GATEWAY_SPOOL_DIR``, else ``$XDG_CACHE_HOME/llm-gateway/spool`` (``~/.cache``)."""
+    env = os.environ.get("LLM_GATEWAY_SPOOL_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "llm-gateway" / "spool"
+
+
+# --- rows <-> lines ------------------------------------------------------------------------
+
+
+def encode_row(rec: UsageRecord, extra: dict[str, Any] | None = None) -> bytes:
+    """One row as a JSON line (with trailing newline). Never fails on odd metadata."""
+    obj = dict(zip(COLUMNS, rec.as_tuple(), strict=True))
+    if extra:
+        obj.update(extra)
+    try:
+        return _dumps(obj) + b"\n"
+    except (TypeError, ValueError):  # e.g. a self-referencing metadata dict
+        obj["metadata"] = {"_unencodable": repr(rec.metadata)[:500]}
+        return _dumps(obj) + b"\n"
+
+
+def _uuid(v: Any) -> uuid.UUID:
+    if not isinstance(v, str):
+        raise TypeError("uuid must be a string")
+    return uuid.UUID(v)
+
+
+def _opt_uuid(v: Any) -> uuid.UUID | None:
+    return None if v is None else _uuid(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError("expected a string")
+    return v
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None else _str(v)
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError("expected an integer")
+    return v
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else _int(v)
+
+
+def _opt_dec(v: Any) -> Decimal | None:
+    if v is None:
+        return None
+    if not isinstance(v, str | int):
+        raise TypeError("decimal must be a string")
+    try:
+        return Decimal(v)
+    except InvalidOperation as exc:
+        raise ValueError("bad decimal") from exc
+
+
+def decode_row(o: Any) -> UsageRecord:
+    """The inverse of :func:`encode_row`; raises ``ValueError``/``TypeError``/``KeyError``."""
+    if not isinstance(o, dict):
+        raise TypeError("row is not an object")
+    meta = o["metadata"]
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError("metadata must be an object")
+    known = o["price_known"]
+    if not isinstance(known, bool):
+        raise TypeError("price_known must be a boolean")
+    return UsageRecord(
+        id=_uuid(o["id"]),
+        tenant_id=_uuid(o["tenant_id"]),
+        user_id=_opt_str(o["user_id"]),
+        provider=_str(o["provider"]),
+        model_name=_str(o["model_name"]),
+        endpoint=_str(o["endpoint"]),
+        input_tokens=_opt_int(o["input_tokens"]),
+        output_tokens=_opt_int(o["output_tokens"]),
+        latency_ms=_int(o["latency_ms"]),
+        estimated_cost_usd=_opt_dec(o["estimated_cost_usd"]),
+        status=_str(o["status"]),
+        error_message=_opt_str(o["error_message"]),
+        metadata=meta,
+        timestamp=datetime.fromisoformat(_str(o["timestamp"])),
+        request_id=_opt_uuid(o["request_id"]),
+        requested_model=_opt_str(o["requested_model"]),
+        attempt=_int(o["attempt"]),
+        key_source=_opt_str(o["key_source"]),
+        input_price_per_m=_opt_dec(o["input_price_per_m"]),
+        output_price_per_m=_opt_dec(o["output_price_per_m"]),
+        price_known=known,
+    )
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolFile:
+    """A spool file waiting for replay; ``rows`` is the count its name declares."""
+
+    path: Path
+    rows: int
+
+
+@dataclass(slots=True)
+class ClaimedFile:
+    """A spool file locked by this process for replay, with its rows parsed.
+
+    ``bad_lines`` are 1-based line numbers that did not parse; ``missing_rows`` counts rows the
+    header announced but the file does not hold (cut at a line boundary). Call :meth:`done`
+    once PostgreSQL confirmed :attr:`rows`, or :meth:`release` to leave the file for later.
+    """
+
+    path: Path
+    rows: list[UsageRecord]
+    bad_lines: list[int] = field(default_factory=list)
+    missing_rows: int = 0
+    declared_rows: int = 0
+    _fd: int = -1
+
+    def done(self) -> None:
+        """Delete the file (its rows are in PostgreSQL) and drop the lock."""
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Drop the lock and keep the file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, chunks: Iterable[bytes]) -> None:
+    data = memoryview(b"".join(chunks))
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class Spool:
+    """A spool directory (created if missing) with a ``rejected/`` folder beside the batches.
+
+    ``pending_files`` and ``pending_rows`` count the files waiting for replay, as of the last
+    :meth:`files` scan plus what this object wrote and replayed since.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.rejected_dir = self.directory / "rejected"
+        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        self._seq = itertools.count()
+        self.pending_files = 0
+        self.pending_rows = 0
+
+    def _new_name(self, prefix: str, rows: int) -> str:
+        seq = next(self._seq) % 1_000_000
+        return f"{prefix}-{time.time_ns():020d}-{os.getpid()}-{seq:06d}-n{rows}.jsonl"
+
+    def _write_file(self, directory: Path, name: str, lines: Iterable[bytes]) -> Path:
+        tmp = directory / f"{_TMP_PREFIX}{name}"
+        final = directory / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else knows this name yet: never waits
+            os.rename(tmp, final)  # visible only while locked, so no replayer reads it half-done
+            try:
+                _write_all(fd, lines)
+                os.fsync(fd)
+            except BaseException:
+                final.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)
+        _fsync_dir(directory)
+        return final
+
+    def write(self, rows: Sequence[UsageRecord]) -> Path:
+        """Append one batch as a new durable file (fsynced with its directory)."""
+        name = self._new_name("usage", len(rows))
+        header = _dumps(
+            {
+                "llm_gateway_spool": SPOOL_VERSION,
+                "rows": len(rows),
+                "columns": COLUMNS,
+                "pid": os.getpid(),
+                "written_at": time.time(),
+            }
+        )
+        path = self._write_file(
+            self.directory, name, itertools.chain((header + b"\n",), map(encode_row, rows))
+        )
+        self.pending_files += 1
+        self.pending_rows += len(rows)
+        return path
+
+    def reject(self, rows: Sequence[tuple[UsageRecord, str]]) -> Path:
+        """Keep rows PostgreSQL refused (bad values) in ``rejected/``, with the error."""
+        name = self._new_name("rejected", len(rows))
+        lines = (encode_row(rec, {"_error": err[:500]}) for rec, err in rows)
+        return self._write_file(self.rejected_dir, name, lines)
+
+    def save_corrupt(self, source: Path, lines: Sequence[bytes]) -> Path:
+        """Keep the raw lines of ``source`` that did not parse, for an operator to inspect."""
+        name = f"corrupt-{time.time_ns():020d}-{source.name}"
+        return self._write_file(self.rejected_dir, name, (line + b"\n" for line in lines))
+
+    def files(self) -> list[SpoolFile]:
+        """Spool files waiting for replay, oldest first; refreshes the pending counters."""
+        found: list[SpoolFile] = []
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                match = _NAME.match(entry.name)
+                if match is not None:
+                    found.append(SpoolFile(Path(entry.path), int(match[4])))
+        found.sort(key=lambda f: f.path.name)
+        self.pending_files = len(found)
+        self.pending_rows = sum(f.rows for f in found)
+        return found
+
+    def complete(self, claimed: ClaimedFile) -> None:
+        """Delete a claimed file whose rows PostgreSQL confirmed, and drop its lock."""
+        claimed.done()
+        self.pending_files = max(0, self.pending_files - 1)
+        self.pending_rows = max(0, self.pending_rows - claimed.declared_rows)
+
+    def remove_stale_tmp(self, older_than: float = 3600.0) -> int:
+        """Delete leftover temporary names (a writer died before its rename: they are empty)."""
+        removed = 0
+        cutoff = time.time() - older_than
+        for path in self.directory.glob(f"{_TMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        return removed
+
+    def claim(self, path: Path) -> ClaimedFile | None:
+        """Lock ``path`` and parse it; ``None`` if gone or held by another process."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    return None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # replayed and deleted by another process after our open
+                os.close(fd)
+                return None
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read()
+        except BaseException:
+            os.close(fd)
+            raise
+        claimed = self._parse(path, data)
+        claimed._fd = fd
+        match = _NAME.match(path.name)
+        claimed.declared_rows = int(match[4]) if match else len(claimed.rows)
+        return claimed
+
+    def _parse(self, path: Path, data: bytes) -> ClaimedFile:
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the file ends with a newline: no partial last line
+        rows: list[UsageRecord] = []
+        bad: list[int] = []
+        bad_raw: list[bytes] = []
+        expected: int | None = None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = _loads(line)
+                if number == 1 and isinstance(obj, dict) and "llm_gateway_spool" in obj:
+                    expected = int(obj["rows"])
+                    continue
+                rows.append(decode_row(obj))
+            except (ValueError, TypeError, KeyError) as exc:
+                bad.append(number)
+                bad_raw.append(line)
+                log.error(
+                    "spool file %s line %d is corrupt and skipped (%s)",
+                    path.name,
+                    number,
+                    type(exc).__name__,
+                )
+        missing = max(0, expected - len(rows) - len(bad)) if expected is not None else 0
+        if missing:
+            log.error("spool file %s is missing %d rows (truncated)", path.name, missing)
+        if bad_raw:
+            try:
+                self.save_corrupt(path, bad_raw)
+            except OSError as exc:
+                log.error("could not keep corrupt lines of %s: %s", path.name, exc)
+        return ClaimedFile(path, rows, bad, missing)

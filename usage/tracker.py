@@ -1,0 +1,395 @@
+"""ModelUsageTracker: records every usage row to PostgreSQL, losing none.
+
+The caller's path is :meth:`ModelUsageTracker.record`: a ``deque.append`` and a length check, no
+I/O, no task. One writer task, owned by the tracker, drains the queue in batches (see
+:mod:`usage.writer` for the write paths). A batch leaves memory only once PostgreSQL confirmed
+it or it is fsynced to the spool (:mod:`usage.spool`): a failed write is retried with backoff;
+when PostgreSQL stays away longer than ``grace_period``, or the queue passes ``high_water``,
+batches go to the spool, which is replayed on recovery and at the next start.
+
+A service adds two lines to its shutdown so queued rows are written (or spooled)::
+
+    tracker = await get_usage_tracker()   # or your own ModelUsageTracker, started
+    ...
+    await tracker.close(timeout=10)       # e.g. in a SIGTERM handler or lifespan shutdown
+
+:mod:`usage.shared` holds the process-wide tracker (``get_usage_tracker``, ``track_usage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from .ids import new_usage_id
+from .pipeline import UsagePipeline
+from .pricing import PriceBook, default_price_book
+from .record import UsageRecord
+from .spool import Spool, default_spool_dir
+from .stats import (
+    RateLimitStatus,
+    TenantUsageStats,
+    UsageBacklog,
+    check_rate_limit_status,
+    get_tenant_usage_stats,
+)
+from .writer import describe_error
+
+__all__ = ["DEFAULT_DSN", "ModelUsageTracker"]
+
+log = logging.getLogger("usage")
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+APPLICATION_NAME = "llm_gateway.usage"
+_MAX_ERROR_MESSAGE = 4000
+
+# Started trackers, strongly held until closed: a forgotten tracker is not garbage-collected
+# with rows in memory, and the exit hook below can still spool them.
+_RUNNING: set[ModelUsageTracker] = set()
+
+
+@atexit.register
+def _spool_at_exit() -> None:
+    for tracker in list(_RUNNING):
+        tracker._spool_memory_sync("interpreter exit")
+
+
+class ModelUsageTracker(UsagePipeline):
+    """Batched, lossless usage recording into ``model_usage_stats``.
+
+    Args:
+        dsn: PostgreSQL to write to; the tracker then owns a small pool (``pool_max_size``
+            connections, created lazily: one for the writer, the others for maintenance and
+            the stats queries). Default ``$DATABASE_URL``, else the local server.
+        pool: a pool of the application's instead of ``dsn``; the writer holds one of its
+            connections while running and gives it back as it found it.
+        batch_size: most rows per write; a queue this long also wakes the writer at once.
+        flush_interval: seconds a row waits at most before a write is started.
+        high_water: queued rows beyond which batches go to the spool, not to PostgreSQL.
+        spool_dir: the local spool (default ``$LLM_GATEWAY_SPOOL_DIR`` or
+            ``~/.cache/llm-gateway/spool``).
+        grace_period: seconds of failed writes after which batches go to the spool.
+        price_book: prices for :meth:`track_request`; refreshed from ``model_prices`` at start
+            and at each maintenance. Default: the process-wide book.
+        maintenance_interval: seconds between calls of ``llm_gateway_maintain_usage()``.
+        connect_timeout / write_timeout: limits of one connection attempt / one write.
+        max_backoff: longest wait between retries, and between probes during an outage.
+
+    ``record()`` must be called from the event loop's thread. Rows recorded before
+    :meth:`start` wait in memory.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: asyncpg.Pool[asyncpg.Record] | None = None,
+        batch_size: int = 5000,
+        flush_interval: float = 0.2,
+        high_water: int = 100_000,
+        spool_dir: str | os.PathLike[str] | None = None,
+        grace_period: float = 5.0,
+        price_book: PriceBook | None = None,
+        maintenance_interval: float = 300.0,
+        connect_timeout: float = 5.0,
+        write_timeout: float = 30.0,
+        max_backoff: float = 2.0,
+        pool_max_size: int = 4,
+    ) -> None:
+        if dsn is not None and pool is not None:
+            raise ValueError("give dsn or pool, not both")
+        if batch_size < 1 or high_water < batch_size:
+            raise ValueError("need 1 <= batch_size <= high_water")
+        self._dsn = dsn if dsn is not None or pool is not None else _env_dsn()
+        self._pool_max_size = max(2, pool_max_size)
+        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
+        self._warned_after_close = False
+        super().__init__(
+            pool=pool,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            high_water=high_water,
+            spool_dir=Path(spool_dir) if spool_dir is not None else default_spool_dir(),
+            grace_period=grace_period,
+            maintenance_interval=maintenance_interval,
+            connect_timeout=connect_timeout,
+            write_timeout=write_timeout,
+            max_backoff=max_backoff,
+            price_book=price_book if price_book is not None else default_price_book(),
+        )
+
+    # --- the caller's path -------------------------------------------------------------
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one row. Synchronous, no I/O, a few µs; never fails for database reasons."""
+        queue = self._queue
+        queue.append(rec)
+        if len(queue) >= self._batch_size:
+            self._wake.set()
+        if self._closed and not self._warned_after_close:
+            self._warned_after_close = True
+            _RUNNING.add(self)  # so the exit hook spools it
+            log.warning("usage row recorded after close(): it is spooled at interpreter exit")
+
+    def make_record(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        provider: str,
+        model_name: str,
+        endpoint: str,
+        latency_ms: float,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        status: str = "success",
+        error_message: str | None = None,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        cached_input_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        request_id: uuid.UUID | None = None,
+        requested_model: str | None = None,
+        attempt: int = 1,
+        key_source: str | None = None,
+        timestamp: datetime | None = None,
+        usage_id: uuid.UUID | None = None,
+    ) -> UsageRecord:
+        """Build a row with a new id and its cost from the price book (no I/O)."""
+        ts = timestamp if timestamp is not None else datetime.now(UTC)
+        day = ts.date() if ts.tzinfo is UTC or ts.tzinfo is None else ts.astimezone(UTC).date()
+        price = self._prices.lookup(provider, model_name, day)
+        meta = dict(metadata) if metadata else None
+        if cached_input_tokens is not None or reasoning_tokens is not None:
+            meta = meta or {}
+            if cached_input_tokens is not None:
+                meta["cached_input_tokens"] = cached_input_tokens
+            if reasoning_tokens is not None:
+                meta["reasoning_tokens"] = reasoning_tokens
+        return UsageRecord(
+            id=usage_id if usage_id is not None else new_usage_id(),
+            tenant_id=tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id),
+            user_id=None if user_id is None else str(user_id),
+            provider=provider,
+            model_name=model_name,
+            endpoint=endpoint,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            latency_ms=round(latency_ms),
+            estimated_cost_usd=None
+            if price is None
+            else price.cost(
+                input_tokens,
+                output_tokens,
+                cached_input_tokens=cached_input_tokens,
+                reasoning_tokens=reasoning_tokens,
+            ),
+            status=status,
+            error_message=None if error_message is None else error_message[:_MAX_ERROR_MESSAGE],
+            metadata=meta,
+            timestamp=ts,
+            request_id=request_id,
+            requested_model=requested_model,
+            attempt=attempt,
+            key_source=key_source,
+            input_price_per_m=None if price is None else price.input_per_m,
+            output_price_per_m=None if price is None else price.output_per_m,
+            price_known=price is not None,
+        )
+
+    async def track_request(
+        self,
+        *,
+        tenant_id: uuid.UUID | str,
+        provider: str,
+        model_name: str,
+        endpoint: str,
+        latency_ms: float,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+        status: str = "success",
+        error_message: str | None = None,
+        user_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        cached_input_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        request_id: uuid.UUID | None = None,
+        requested_model: str | None = None,
+        attempt: int = 1,
+        key_source: str | None = None,
+        timestamp: datetime | None = None,
+        usage_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Queue one row, priced by the tracker's price book; returns its id at once.
+
+        Fire-and-forget: it never waits for PostgreSQL (see :meth:`make_record`).
+        """
+        rec = self.make_record(
+            tenant_id=tenant_id,
+            provider=provider,
+            model_name=model_name,
+            endpoint=endpoint,
+            latency_ms=latency_ms,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            status=status,
+            error_message=error_message,
+            user_id=user_id,
+            metadata=metadata,
+            cached_input_tokens=cached_input_tokens,
+            reasoning_tokens=reasoning_tokens,
+            request_id=request_id,
+            requested_model=requested_model,
+            attempt=attempt,
+            key_source=key_source,
+            timestamp=timestamp,
+            usage_id=usage_id,
+        )
+        self.record(rec)
+        return rec.id
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool, replay the spool, run maintenance, start the writer. Idempotent.
+
+        An unreachable database is not an error: rows are then spooled after the grace period
+        and replayed once it is back. A spool directory that cannot be created raises
+        ``OSError`` (a deployment error, better found at start than during an outage).
+        """
+        if self._writer is not None:
+            return
+        if self._closed:
+            raise RuntimeError("this tracker was closed; make a new one")
+        self._spool = Spool(self._spool_dir)
+        await asyncio.to_thread(self._spool.files)
+        await asyncio.to_thread(self._spool.remove_stale_tmp)
+        if self._link.pool is None:
+            # min_size=0: creating the pool never fails because PostgreSQL is down.
+            self._link.pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=0,
+                max_size=self._pool_max_size,
+                timeout=self._link.connect_timeout,
+                server_settings={"application_name": APPLICATION_NAME},
+            )
+        try:
+            await self._link.connection()
+        except Exception as exc:
+            self._note_failure(exc, "PostgreSQL unreachable at start")
+            self._replay_due = self._spool.pending_files > 0
+        else:
+            try:
+                await self._prices.refresh(await self._link.connection())
+            except Exception as exc:  # shipped prices still apply
+                log.warning("could not load model_prices: %s", describe_error(exc))
+            while self._spool.pending_files and await self._replay_one():
+                pass
+            self._start_maintenance()
+        _RUNNING.add(self)
+        self._writer = asyncio.get_running_loop().create_task(
+            self._run(), name="llm-gateway-usage-writer"
+        )
+
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every row queued so far is in PostgreSQL or the spool.
+
+        Returns ``False`` if ``timeout`` passed first. Spool files are not replayed by this.
+        """
+        target = self._settled + len(self._inflight) + len(self._queue)
+        if self._settled >= target:
+            return True
+        if self._writer is None or self._writer.done():
+            raise RuntimeError("the tracker is not running: call start()")
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append((target, waiter))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(waiter)
+        except TimeoutError:
+            return False
+        finally:
+            self._flush_waiters = [(t, f) for t, f in self._flush_waiters if f is not waiter]
+        return True
+
+    async def close(self, timeout: float = 10.0) -> UsageBacklog:
+        """Drain to PostgreSQL until ``timeout``, spool the rest, release the pool. Idempotent."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+            try:
+                await self._close(timeout)
+            finally:
+                self._closing.set_result(None)
+        else:
+            await asyncio.shield(self._closing)
+        return self.backlog()
+
+    async def _close(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        self._closed = True
+        self._stop.set()
+        self._wake.set()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        writer = self._writer
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer}, timeout=max(0.0, deadline - time.monotonic()))
+            if not writer.done():
+                log.warning("close(): deadline reached, spooling %d rows", self._in_memory())
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+        if self._queue:
+            self._inflight += self._queue
+            self._queue.clear()
+        if self._inflight:
+            await self._spool_inflight(wait_on_error=False)
+        await self._link.release()
+        pool = self._link.pool
+        if self._link.owns_pool and pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), max(1.0, deadline - time.monotonic()))
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
+        _RUNNING.discard(self)
+        self._notify_flush()
+
+    # --- read side -----------------------------------------------------------------------
+
+    @property
+    def stats(self) -> UsageBacklog:
+        """Same as :meth:`backlog`."""
+        return self.backlog()
+
+    async def get_tenant_usage_stats(
+        self, tenant_id: uuid.UUID | str, hours: float = 24
+    ) -> TenantUsageStats:
+        """Per provider and model over the last ``hours`` (see :mod:`usage.stats`)."""
+        return await get_tenant_usage_stats(self._require_pool(), tenant_id, hours)
+
+    async def check_rate_limit_status(
+        self, tenant_id: uuid.UUID | str, provider: str
+    ) -> RateLimitStatus:
+        """Last-minute and last-day use against the tenant's limits (see :mod:`usage.stats`)."""
+        return await check_rate_limit_status(self._require_pool(), tenant_id, provider)
+
+    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._link.pool is None:
+            raise RuntimeError("the tracker is not started")
+        return self._link.pool
+
+
+def _env_dsn() -> str:
+    return os.environ.get("DATABASE_URL") or DEFAULT_DSN
