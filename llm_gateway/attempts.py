@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from usage import ModelUsageTracker, UsageRecord
+from usage import ModelUsageTracker, UsageRecord, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
@@ -73,7 +73,7 @@ class RequestLedger:
         served = model or entry.model
         price = self.prices.lookup(entry.provider, served)
         cost = None if price is None else price.cost(input_tokens, output_tokens)
-        usage_id = uuid.uuid4()
+        usage_id = new_usage_id()
         message = None if error is None else (str(error) or type(error).__name__)
         if self.tracker is not None:
             meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
