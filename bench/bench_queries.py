@@ -1,0 +1,389 @@
+"""Latency of the operator queries in ``sql/monitoring`` on a large ``model_usage_stats``.
+
+How to run (PostgreSQL reachable through an admin DSN that may create databases)::
+
+    python bench/bench_queries.py                  # 10 M rows: ~8 min on 2 CPUs, ~6 GB disk
+    python bench/bench_queries.py --rows 200000    # quick check
+    python bench/bench_queries.py --dsn postgresql://postgres@db:5432/postgres --runs 9
+
+What it does:
+
+1. Creates the database ``llmgw_bench_queries`` (dropping a leftover one), applies the
+   migrations, and creates the monthly partitions covering the 90 days of data.
+2. Generates ``--rows`` rows spread evenly over the last 90 days, in time order as the usage
+   writer inserts them, with ``INSERT ... SELECT FROM generate_series`` in chunks (two
+   connections). 1,000 tenants, skewed: tenant k is drawn as floor(1000 * u**3), so tenant 0
+   has ~10 % of all rows, tenant 1 ~2.6 %, and the median tenant ~0.05 %. Seven models over
+   three providers (one without a price: NULL cost), ~7 % non-success rows of five statuses,
+   NULL tokens on failures.
+3. ``VACUUM ANALYZE``; times the parent ``ANALYZE`` that maintenance runs daily; back-fills the
+   rollups with ``llm_gateway_maintain_usage()`` in one run, then times a steady-state
+   maintenance run (what the usage writer pays every few minutes).
+4. Runs every ``sql/monitoring/*.sql`` query for the median ("typical") tenant and the heaviest
+   tenant (the all-tenant queries once), with ``jit = off``, with ``jit = on`` (PostgreSQL's
+   default thresholds) and with JIT forced (``jit_above_cost = 0``: what a query pays once its
+   estimate crosses the threshold), and prints the median latencies. Also prints the planner's
+   group estimate for the all-tenant daily query with and without the extended statistics.
+
+What is measured: client-side wall time of one execution (parse, plan, execute and fetching
+every result row over a local TCP connection), as psql would see it: the tenant is inlined as
+a literal, as psql's ``:'tenant_id'`` does, and no prepared statement is reused, so every run
+is planned for its tenant. One warm-up run, then the median of ``--runs`` runs (warm cache).
+The database is dropped at the end unless ``--keep`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+MONITORING = ROOT / "sql" / "monitoring"
+DB_NAME = "llmgw_bench_queries"
+DAYS = 90
+TENANTS = 1000
+CHUNK = 500_000
+TYPICAL_TENANT = 500  # tenants are numbered by decreasing volume: 500 is the median one
+HEAVY_TENANT = 0
+
+# One row per attempt. $1/$2: first and last g of the chunk, $3: total rows, $4: start time.
+GENERATE = """
+INSERT INTO model_usage_stats
+    (id, tenant_id, user_id, provider, model_name, endpoint, input_tokens, output_tokens,
+     latency_ms, estimated_cost_usd, status, error_message, "timestamp", request_id,
+     requested_model, attempt, key_source, input_price_per_m, output_price_per_m, price_known)
+SELECT gen_random_uuid(),
+       md5('bench-tenant-' || r.k)::uuid,
+       'user-' || (r.g % 997),
+       m.provider,
+       m.model,
+       'chat.completions',
+       tok.input_tokens,
+       tok.output_tokens,
+       CASE s.status WHEN 'success' THEN 150 + (random() * 2500)::int
+                     WHEN 'timeout' THEN 30000
+                     ELSE 20 + (random() * 300)::int END,
+       round((tok.input_tokens * m.in_price + tok.output_tokens * m.out_price) / 1e6, 6),
+       s.status,
+       CASE s.status WHEN 'success' THEN NULL
+                     WHEN 'rate_limit' THEN 'Rate limit reached for requests per minute'
+                     WHEN 'timeout' THEN 'Request timed out after 30s'
+                     WHEN 'auth_error' THEN 'Invalid API key'
+                     WHEN 'cancelled' THEN 'Client disconnected'
+                     ELSE (ARRAY['Upstream returned 500', 'Bad gateway',
+                                 'Malformed response body'])[1 + (r.g % 3)] END,
+       $4::timestamptz + ((r.g - 1)::float8 / $3) * interval '90 days',
+       gen_random_uuid(),
+       m.model,
+       1,
+       CASE WHEN r.g % 4 = 0 THEN 'platform' ELSE 'tenant' END,
+       m.in_price,
+       m.out_price,
+       m.in_price IS NOT NULL
+FROM (SELECT g,
+             floor(1000 * power(random(), 3))::int AS k,
+             (random() * 100)::int AS model_pick,
+             random() AS status_pick
+      FROM generate_series($1::bigint, $2::bigint) AS g) AS r
+CROSS JOIN LATERAL (
+    SELECT * FROM (VALUES
+        ('openai',    'gpt-4o',              2.50::numeric, 10.00::numeric, 30),
+        ('openai',    'gpt-4o-mini',         0.15,           0.60,          55),
+        ('groq',      'llama-3.3-70b',       0.59,           0.79,          75),
+        ('groq',      'llama-3.1-8b',        0.05,           0.08,          85),
+        ('groq',      'experimental-model',  NULL,           NULL,          87),
+        ('anthropic', 'claude-sonnet-4',     3.00,          15.00,          95),
+        ('anthropic', 'claude-haiku',        0.80,           4.00,         101)
+    ) AS v (provider, model, in_price, out_price, upto)
+    WHERE r.model_pick < v.upto ORDER BY v.upto LIMIT 1
+) AS m
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN r.status_pick < 0.930 THEN 'success'
+                WHEN r.status_pick < 0.960 THEN 'rate_limit'
+                WHEN r.status_pick < 0.980 THEN 'error'
+                WHEN r.status_pick < 0.990 THEN 'timeout'
+                WHEN r.status_pick < 0.995 THEN 'auth_error'
+                ELSE 'cancelled' END AS status
+) AS s
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN s.status = 'success' THEN 50 + (random() * 4000)::int END AS input_tokens,
+           CASE WHEN s.status = 'success' THEN 10 + (random() * 1000)::int END AS output_tokens
+) AS tok
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    query: str
+    source: str
+    tenant: str
+    result_rows: int
+    jit_off_ms: float
+    jit_on_ms: float
+    jit_forced_ms: float
+
+
+def _dsn_for(admin_dsn: str, database: str) -> str:
+    base, _, _ = admin_dsn.rpartition("/")
+    return f"{base}/{database}"
+
+
+def _tenant_uuid_sql(k: int) -> str:
+    return f"md5('bench-tenant-{k}')::uuid"
+
+
+async def _recreate_database(admin_dsn: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(admin_dsn: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{DB_NAME}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _generate(dsn: str, rows: int, start: datetime) -> None:
+    chunks = [(lo, min(lo + CHUNK - 1, rows)) for lo in range(1, rows + 1, CHUNK)]
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for chunk in chunks:
+        queue.put_nowait(chunk)
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("SET synchronous_commit = off")
+            while not queue.empty():
+                lo, hi = queue.get_nowait()
+                await conn.execute(GENERATE, lo, hi, rows, start)
+                done += hi - lo + 1
+                print(f"  generated {done:,} / {rows:,} rows", flush=True)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(worker(), worker())
+
+
+def _load_query(name: str, tenant: int | None) -> str:
+    sql = (MONITORING / name).read_text()
+    if tenant is not None:
+        sql = sql.replace(":'tenant_id'", _tenant_uuid_sql(tenant))
+    return sql
+
+
+async def _time_query(conn: asyncpg.Connection, sql: str, runs: int) -> tuple[float, int]:
+    await conn.fetch(sql)  # warm-up
+    timings: list[float] = []
+    result_rows = 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = await conn.fetch(sql)
+        timings.append((time.perf_counter() - started) * 1000)
+        result_rows = len(result)
+    return statistics.median(timings), result_rows
+
+
+async def _bench_queries(conn: asyncpg.Connection, runs: int) -> list[Result]:
+    results: list[Result] = []
+    tenants: list[tuple[str, int | None]] = [
+        (f"typical (#{TYPICAL_TENANT})", TYPICAL_TENANT),
+        (f"heaviest (#{HEAVY_TENANT})", HEAVY_TENANT),
+    ]
+    for path in sorted(MONITORING.glob("*.sql")):
+        text = path.read_text()
+        per_tenant = ":'tenant_id'" in text
+        source = "rollup" if path.stem.endswith("_rollup") else "raw"
+        query = path.stem.removesuffix("_rollup")
+        for label, tenant in tenants if per_tenant else [("all tenants", None)]:
+            sql = _load_query(path.name, tenant)
+            await conn.execute("SET jit = off")
+            off_ms, result_rows = await _time_query(conn, sql, runs)
+            await conn.execute("SET jit = on")
+            on_ms, _ = await _time_query(conn, sql, runs)
+            await conn.execute("SET jit_above_cost = 0")
+            forced_ms, _ = await _time_query(conn, sql, runs)
+            await conn.execute("RESET jit_above_cost")
+            results.append(Result(query, source, label, result_rows, off_ms, on_ms, forced_ms))
+    await conn.execute("RESET jit")
+    return sorted(results, key=lambda r: (r.query, r.tenant, r.source))
+
+
+def _print_table(results: Sequence[Result]) -> None:
+    header = (
+        f"{'query':<30} {'source':<7} {'tenant':<15} {'rows out':>8} "
+        f"{'jit=off ms':>11} {'jit=on ms':>10} {'jit forced ms':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.query:<30} {r.source:<7} {r.tenant:<15} {r.result_rows:>8} "
+            f"{r.jit_off_ms:>11.1f} {r.jit_on_ms:>10.1f} {r.jit_forced_ms:>14.1f}"
+        )
+
+
+async def _estimated_rows(conn: asyncpg.Connection, name: str) -> int:
+    """The planner's estimate of the aggregate's output, before the final sort."""
+    plan = json.loads(await conn.fetchval("EXPLAIN (FORMAT JSON) " + _load_query(name, None)))
+    node = plan[0]["Plan"]
+    while node["Node Type"] in ("Sort", "Gather Merge", "Gather") and "Plans" in node:
+        node = node["Plans"][0]
+    return int(node["Plan Rows"])
+
+
+async def _timed(conn: asyncpg.Connection, sql: str) -> float:
+    started = time.perf_counter()
+    await conn.execute(sql)
+    return time.perf_counter() - started
+
+
+async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
+    # Imported here so ``--help`` works without the package installed.
+    from llm_gateway.migrate import apply_migrations
+
+    dsn = _dsn_for(admin_dsn, DB_NAME)
+    await _recreate_database(admin_dsn)
+    try:
+        await apply_migrations(dsn)
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        try:
+            settings = await conn.fetch(
+                "SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1::text[])",
+                ["shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit_above_cost"],
+            )
+            version = await conn.fetchval("SHOW server_version")
+            print(f"PostgreSQL {version}; CPUs here: {os.cpu_count()}")
+            print(
+                "  " + ", ".join(f"{s['name']}={s['setting']}{s['unit'] or ''}" for s in settings)
+            )
+
+            now: datetime = await conn.fetchval("SELECT now()")
+            start = now - timedelta(days=DAYS)
+            await conn.execute("SELECT llm_gateway_ensure_usage_partitions(3, 4)")
+
+            print(f"Generating {rows:,} rows over {DAYS} days for {TENANTS:,} tenants ...")
+            started = time.perf_counter()
+            await _generate(dsn, rows, start)
+            generate_s = time.perf_counter() - started
+            vacuum_s = await _timed(conn, "VACUUM ANALYZE model_usage_stats")
+            analyze_s = await _timed(conn, "ANALYZE model_usage_stats")
+
+            # Back-fill the whole rollup in one maintenance run, then time a normal run.
+            await conn.execute(
+                "SELECT llm_gateway_set_setting('usage_stats_analyzed_at', now()::text);"
+                "SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '100000')"
+            )
+            backfill_s = await _timed(conn, "SELECT llm_gateway_maintain_usage()")
+            await conn.execute(
+                "SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '168')"
+            )
+            await conn.execute("VACUUM ANALYZE model_usage_hourly")
+            steady = [await _timed(conn, "SELECT llm_gateway_maintain_usage()") for _ in range(5)]
+
+            sizes = await conn.fetchrow(
+                """
+                SELECT sum(pg_table_size(relid)) AS heap,
+                       sum(pg_indexes_size(relid)) AS indexes,
+                       pg_total_relation_size('model_usage_hourly') AS rollup,
+                       (SELECT count(*) FROM model_usage_hourly) AS rollup_rows,
+                       count(*) FILTER (WHERE isleaf) AS partitions
+                FROM pg_partition_tree('model_usage_stats')
+                """
+            )
+            assert sizes is not None
+            print(
+                f"\nRows: {rows:,}; generation {generate_s:.1f} s "
+                f"({rows / generate_s:,.0f} rows/s, indexes maintained during the insert)"
+            )
+            print(
+                f"model_usage_stats: {sizes['partitions']} partitions, "
+                f"heap {sizes['heap'] / 2**20:,.0f} MiB + "
+                f"indexes {sizes['indexes'] / 2**20:,.0f} MiB"
+            )
+            print(
+                f"model_usage_hourly: {sizes['rollup_rows']:,} rows, "
+                f"{sizes['rollup'] / 2**20:,.0f} MiB with indexes"
+            )
+            print(
+                f"VACUUM ANALYZE {vacuum_s:.1f} s; parent ANALYZE (daily in maintenance) "
+                f"{analyze_s:.1f} s; rollup back-fill of {DAYS} days {backfill_s:.1f} s; "
+                f"steady-state llm_gateway_maintain_usage() median "
+                f"{statistics.median(steady) * 1000:.0f} ms"
+            )
+            for label, k in (("typical", TYPICAL_TENANT), ("heaviest", HEAVY_TENANT)):
+                counts = await conn.fetchrow(
+                    f"""
+                    SELECT count(*) FILTER (WHERE "timestamp" >= now() - interval '1 day') AS day,
+                           count(*) AS month
+                    FROM model_usage_stats
+                    WHERE tenant_id = {_tenant_uuid_sql(k)}
+                      AND "timestamp" >= now() - interval '30 days'
+                    """
+                )
+                assert counts is not None
+                print(
+                    f"{label} tenant #{k}: {counts['day']:,} rows in 24 h, "
+                    f"{counts['month']:,} rows in 30 days"
+                )
+            with_stats = await _estimated_rows(conn, "daily_cost_all_tenants.sql")
+            tx = conn.transaction()  # rolled back: the statistics stay
+            await tx.start()
+            try:
+                await conn.execute("DROP STATISTICS model_usage_stats_day_utc")
+                without_stats = await _estimated_rows(conn, "daily_cost_all_tenants.sql")
+            finally:
+                await tx.rollback()
+            print(
+                f"daily_cost_all_tenants: planner expects {with_stats:,} groups with the "
+                f"extended statistics, {without_stats:,} without (actual: 90)"
+            )
+
+            print(
+                f"\nMedian of {runs} runs, client-side wall time (plan + execute + fetch). "
+                "jit=on: default thresholds; jit forced: jit_above_cost = 0, i.e. what JIT "
+                "costs once a query's estimate crosses the threshold (e.g. a bigger tenant).\n"
+            )
+            _print_table(await _bench_queries(conn, runs))
+        finally:
+            await conn.close()
+    finally:
+        if not keep:
+            await _drop_database(admin_dsn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get(
+            "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
+        help="admin DSN; the benchmark database is created next to it",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    args = parser.parse_args()
+    asyncio.run(run(args.dsn, args.rows, args.runs, args.keep))
+
+
+if __name__ == "__main__":
+    main()
