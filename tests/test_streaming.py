@@ -131,9 +131,10 @@ async def test_stall_before_first_token_fails_over_within_ttft(  # type: ignore[
     first, second = two
     first.fail_with = "stall_before_first"
     t = await tenant(pg)
-    async with TenantLLMRouter(
-        pg_dsn, providers=providers(first, second), ttft_timeout=0.3
-    ) as router, await router.stream_for_tenant(t, MSG) as stream:
+    async with (
+        TenantLLMRouter(pg_dsn, providers=providers(first, second), ttft_timeout=0.3) as router,
+        await router.stream_for_tenant(t, MSG) as stream,
+    ):
         text = "".join([c.content async for c in stream])
     assert text.startswith("[second]")
     assert [r["status"] for r in await rows(pg, t)] == ["timeout", "success"]
