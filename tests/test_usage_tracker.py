@@ -139,7 +139,7 @@ async def test_track_request_stores_cost_and_prices_charged(
     tenant = uuid.uuid4()
     tracker = tracker_for(pg_dsn, tmp_path)
     await tracker.start()
-    common = {"tenant_id": str(tenant), "endpoint": "/api/chat", "latency_ms": 12.6}
+    common: dict[str, Any] = {"tenant_id": str(tenant), "endpoint": "/api/chat", "latency_ms": 12.6}
     known = await tracker.track_request(
         provider="openai",
         model_name="gpt-4o",
@@ -462,3 +462,19 @@ async def test_failing_maintenance_is_logged_not_fatal(
     finally:
         await pool.close()
         await pg.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_something_that_is_not_a_row_does_not_block_the_writer(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    tenant = uuid.uuid4()
+    tracker = tracker_for(pg_dsn, tmp_path)
+    await tracker.start()
+    tracker.record(make_row(tenant, 0))
+    tracker.record("not a usage record")  # type: ignore[arg-type]
+    tracker.record(make_row(tenant, 1))
+    backlog = await tracker.close()
+    assert (backlog.written_rows, backlog.rejected_rows, backlog.queued) == (2, 1, 0)
+    assert await count_rows(pg, tenant) == (2, 2)
+    (kept,) = (tmp_path / "rejected").glob("rejected-*.jsonl")
+    assert "not a usage record" in kept.read_text()

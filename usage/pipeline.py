@@ -88,6 +88,7 @@ class UsagePipeline:
         self._replay_due = False
         self._spool_logged = False  # one warning per outage
         self._spool_broken = False  # the last spool write failed
+        self._unremovable: set[Path] = set()  # replayed files we could not delete
 
     # --- counters ------------------------------------------------------------------------
 
@@ -341,15 +342,23 @@ class UsagePipeline:
         assert self._spool is not None
         spool = self._spool
         claimed = None
-        for entry in await asyncio.to_thread(spool.files):
-            claimed = await asyncio.to_thread(spool.claim, entry.path)
-            if claimed is not None:
-                break
+        try:
+            for entry in await asyncio.to_thread(spool.files):
+                if entry.path in self._unremovable:
+                    continue
+                try:
+                    claimed = await asyncio.to_thread(spool.claim, entry.path)
+                except OSError as exc:  # e.g. unreadable: leave it for an operator
+                    log.error("cannot read spool file %s: %s", entry.path.name, exc)
+                    continue
+                if claimed is not None:
+                    break
+        except OSError as exc:
+            log.error("cannot list the spool %s: %s", spool.directory, exc)
         if claimed is None:
             self._replay_due = False
             return False
         try:
-            self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
             rows = claimed.rows
             pending = [
                 rows[i : i + self._batch_size] for i in range(0, len(rows), self._batch_size)
@@ -363,7 +372,13 @@ class UsagePipeline:
             claimed.release()
             self._note_failure(exc, f"replay of {claimed.path.name} failed")
             return False
-        await asyncio.to_thread(spool.complete, claimed)
+        try:
+            await asyncio.to_thread(spool.complete, claimed)
+        except OSError as exc:  # the rows are in; do not replay it again in this process
+            claimed.release()
+            self._unremovable.add(claimed.path)
+            log.error("cannot delete replayed spool file %s: %s", claimed.path.name, exc)
+        self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)
         return True

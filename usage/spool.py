@@ -81,8 +81,15 @@ def default_spool_dir() -> Path:
 
 
 def encode_row(rec: UsageRecord, extra: dict[str, Any] | None = None) -> bytes:
-    """One row as a JSON line (with trailing newline). Never fails on odd metadata."""
-    obj = dict(zip(COLUMNS, rec.as_tuple(), strict=True))
+    """One row as a JSON line (with trailing newline). Never fails, whatever was queued.
+
+    Something that is not a usage row becomes ``{"_unrecognized": repr}``: replay reports it
+    as a corrupt line and keeps it in ``rejected/``, instead of blocking the writer.
+    """
+    try:
+        obj = dict(zip(COLUMNS, rec.as_tuple(), strict=True))
+    except Exception:
+        obj = {"_unrecognized": repr(rec)[:2000]}
     if extra:
         obj.update(extra)
     try:
@@ -137,9 +144,7 @@ def decode_row(o: Any) -> UsageRecord:
     """The inverse of :func:`encode_row`; raises ``ValueError``/``TypeError``/``KeyError``."""
     if not isinstance(o, dict):
         raise TypeError("row is not an object")
-    meta = o["metadata"]
-    if meta is not None and not isinstance(meta, dict):
-        raise TypeError("metadata must be an object")
+    meta = o["metadata"]  # any JSON value: PostgreSQL took it as jsonb, so must the replay
     known = o["price_known"]
     if not isinstance(known, bool):
         raise TypeError("price_known must be a boolean")
@@ -193,6 +198,7 @@ class ClaimedFile:
     bad_lines: list[int] = field(default_factory=list)
     missing_rows: int = 0
     declared_rows: int = 0
+    bad_raw: list[bytes] = field(default_factory=list)
     _fd: int = -1
 
     def done(self) -> None:
@@ -306,7 +312,15 @@ class Spool:
         return found
 
     def complete(self, claimed: ClaimedFile) -> None:
-        """Delete a claimed file whose rows PostgreSQL confirmed, and drop its lock."""
+        """Delete a claimed file whose rows PostgreSQL confirmed, and drop its lock.
+
+        Lines that could not be read are first copied to ``rejected/``.
+        """
+        if claimed.bad_raw:
+            try:
+                self.save_corrupt(claimed.path, claimed.bad_raw)
+            except OSError as exc:
+                log.error("could not keep corrupt lines of %s: %s", claimed.path.name, exc)
         claimed.done()
         self.pending_files = max(0, self.pending_files - 1)
         self.pending_rows = max(0, self.pending_rows - claimed.declared_rows)
@@ -370,7 +384,7 @@ class Spool:
                     expected = int(obj["rows"])
                     continue
                 rows.append(decode_row(obj))
-            except (ValueError, TypeError, KeyError) as exc:
+            except Exception as exc:  # any unreadable line is skipped, never fatal
                 bad.append(number)
                 bad_raw.append(line)
                 log.error(
@@ -382,9 +396,4 @@ class Spool:
         missing = max(0, expected - len(rows) - len(bad)) if expected is not None else 0
         if missing:
             log.error("spool file %s is missing %d rows (truncated)", path.name, missing)
-        if bad_raw:
-            try:
-                self.save_corrupt(path, bad_raw)
-            except OSError as exc:
-                log.error("could not keep corrupt lines of %s: %s", path.name, exc)
-        return ClaimedFile(path, rows, bad, missing)
+        return ClaimedFile(path, rows, bad, missing, bad_raw=bad_raw)

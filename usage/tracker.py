@@ -294,8 +294,9 @@ class ModelUsageTracker(UsagePipeline):
                 await self._prices.refresh(await self._link.connection())
             except Exception as exc:  # shipped prices still apply
                 log.warning("could not load model_prices: %s", describe_error(exc))
-            while self._spool.pending_files and await self._replay_one():
-                pass
+            for _ in range(self._spool.pending_files):
+                if not await self._replay_one():
+                    break
             self._start_maintenance()
         _RUNNING.add(self)
         self._writer = asyncio.get_running_loop().create_task(
