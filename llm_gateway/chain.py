@@ -9,13 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from .config import TenantConfig
 from .health import HealthRegistry
 from .keys import ApiKey
 from .providers import ProviderSettings
 
-__all__ = ["ChainEntry", "TenantRoute", "build_route", "order_chain", "score"]
+__all__ = [
+    "ChainEntry",
+    "TenantRoute",
+    "build_route",
+    "explain_route",
+    "order_chain",
+    "rate_limit_wait",
+    "score",
+]
 
 PriceLookup = Callable[[str, str], tuple[Decimal, Decimal] | None]
 
@@ -155,3 +164,41 @@ def order_chain(
             return [e for e in chain if e.provider == preferred]
         return chain[:1]
     return chain
+
+
+def rate_limit_wait(route: TenantRoute, health: HealthRegistry, now: float) -> float | None:
+    """Seconds until the first key of the chain that only waits out a 429 is usable again."""
+    inference = route.config.inference
+    entries = route.entries
+    if not inference.auto_failover:
+        preferred = [e for e in entries if e.provider == inference.preferred_provider]
+        entries = tuple(preferred[:1]) or entries[:1]
+    waits = [
+        w
+        for e in entries
+        if (w := health.rate_limit_wait(e.provider, e.fingerprint, now)) is not None
+    ]
+    return min(waits) if waits else None
+
+
+def explain_route(
+    route: TenantRoute, health: HealthRegistry, estimated_tokens: int, now: float
+) -> dict[str, Any]:
+    """The chain a request would use now, each entry's score, and why others are left out."""
+    skipped: dict[str, str] = {}
+    chain = order_chain(route, health, estimated_tokens, now, skipped)
+    return {
+        "tenant_id": str(route.config.tenant_id),
+        "auto_failover": route.config.inference.auto_failover,
+        "chain": [
+            {
+                "provider": e.provider,
+                "model": e.model,
+                "key_source": e.key_source,
+                "key_fingerprint": e.fingerprint,
+                "score": round(score(e, health, estimated_tokens), 4),
+            }
+            for e in chain
+        ],
+        "excluded": {**route.excluded, **skipped},
+    }

@@ -18,7 +18,14 @@ from usage import ModelUsageTracker
 from usage.pricing import PriceBook, default_price_book
 
 from .attempts import RequestLedger
-from .chain import ChainEntry, TenantRoute, build_route, order_chain, score
+from .chain import (
+    ChainEntry,
+    TenantRoute,
+    build_route,
+    explain_route,
+    order_chain,
+    rate_limit_wait,
+)
 from .config import TenantConfig
 from .errors import (
     AllProvidersFailedError,
@@ -202,26 +209,10 @@ class TenantLLMRouter:
             chain = order_chain(route, self._health, estimated_tokens, now, skipped)
             if chain:
                 return tid, chain
-            wait = self._rate_limit_wait(route, now)
+            wait = rate_limit_wait(route, self._health, now)
             if wait is None or now + wait > deadline:
                 raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
             await asyncio.sleep(wait)
-
-    def _rate_limit_wait(self, route: TenantRoute, now: float) -> float | None:
-        """Seconds until the first rate-limited key of the chain may be used again."""
-        inference = route.config.inference
-        entries = route.entries
-        if not inference.auto_failover:
-            entries = (
-                tuple(e for e in entries if e.provider == inference.preferred_provider)[:1]
-                or entries[:1]
-            )
-        waits = [
-            w
-            for e in entries
-            if (w := self._health.rate_limit_wait(e.provider, e.fingerprint, now)) is not None
-        ]
-        return min(waits) if waits else None
 
     def _ledger(
         self,
@@ -407,23 +398,7 @@ class TenantLLMRouter:
         if not self._started:
             await self.start()
         route = await self._store.get(as_tenant_id(tenant_id))
-        skipped: dict[str, str] = {}
-        chain = order_chain(route, self._health, estimated_tokens, time.monotonic(), skipped)
-        return {
-            "tenant_id": str(route.config.tenant_id),
-            "auto_failover": route.config.inference.auto_failover,
-            "chain": [
-                {
-                    "provider": e.provider,
-                    "model": e.model,
-                    "key_source": e.key_source,
-                    "key_fingerprint": e.fingerprint,
-                    "score": round(score(e, self._health, estimated_tokens), 4),
-                }
-                for e in chain
-            ],
-            "excluded": {**route.excluded, **skipped},
-        }
+        return explain_route(route, self._health, estimated_tokens, time.monotonic())
 
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:

@@ -280,6 +280,25 @@ class Provider:
         await self._client.close()
 
 
+def build_provider(settings: ProviderSettings, sdk_class: Any, http: Any) -> Provider:
+    """One SDK client with its own pooled HTTP client (``http`` is the httpx module it uses).
+
+    Made once per provider per router: the pool lives as long as the router, whatever the
+    number of tenants and keys.
+    """
+    http_client = http.AsyncClient(
+        limits=http.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_keepalive,
+        ),
+        timeout=http.Timeout(60.0, connect=settings.connect_timeout),
+    )
+    client = sdk_class(
+        api_key=NO_KEY, base_url=settings.base_url, max_retries=0, http_client=http_client
+    )
+    return Provider(settings, client)
+
+
 class ProviderStream:
     """An open streaming response. ``events()`` yields parsed chunks; always ``aclose()``."""
 
