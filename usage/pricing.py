@@ -233,7 +233,9 @@ _DEFAULT_BOOK = PriceBook()
 
 
 def default_price_book() -> PriceBook:
-    """The process-wide book of shipped prices (no overrides unless refreshed)."""
+    """The process-wide book: shipped prices, plus the ``model_prices`` overrides once a
+    :class:`~usage.ModelUsageTracker` using it has started (it refreshes its book at start and
+    at each maintenance interval). :func:`calculate_cost` prices with this book."""
     return _DEFAULT_BOOK
 
 
@@ -251,7 +253,7 @@ def calculate_cost(
     cached_input_tokens: int | None = None,
     reasoning_tokens: int | None = None,
 ) -> Decimal | None:
-    """Estimated cost in USD, rounded to 6 places (``ROUND_HALF_UP``).
+    """Estimated cost in USD, rounded to 6 places (``ROUND_HALF_UP``), with the default book.
 
     ``None`` (never 0) for a model without a known price, and when ``input_tokens`` or
     ``output_tokens`` is missing. ``local`` models cost 0.
