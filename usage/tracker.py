@@ -44,7 +44,7 @@ from .stats import (
     check_rate_limit_status,
     get_tenant_usage_stats,
 )
-from .writer import describe_error
+from .writer import describe_error, set_codecs
 
 __all__ = ["DEFAULT_DSN", "ModelUsageTracker"]
 
@@ -283,6 +283,7 @@ class ModelUsageTracker(UsagePipeline):
                 max_size=self._pool_max_size,
                 timeout=self._link.connect_timeout,
                 server_settings={"application_name": APPLICATION_NAME},
+                init=set_codecs,
             )
         try:
             await self._link.connection()
