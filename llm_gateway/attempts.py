@@ -54,7 +54,7 @@ class RequestLedger:
         self.user_id = user_id
         self.task_type = task_type
         self.metadata = metadata
-        self.request_id = uuid.uuid4()
+        self.request_id = new_usage_id()
         self.attempts: list[Attempt] = []
 
     def record(

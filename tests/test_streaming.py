@@ -190,7 +190,8 @@ async def test_cancelled_streams_write_cancelled_rows(  # type: ignore[no-untype
                     await asyncio.sleep(30)
 
     caplog.set_level(logging.WARNING)
-    async with TenantLLMRouter(pg_dsn, providers=providers(first, second)) as router:
+    settings = providers(first, second, max_keepalive=20)
+    async with TenantLLMRouter(pg_dsn, providers=settings) as router:
         tasks = [asyncio.create_task(consume(router)) for _ in range(100)]
         await asyncio.wait_for(two_chunks.wait(), timeout=20)
         for task in tasks:
@@ -209,3 +210,15 @@ async def test_cancelled_streams_write_cancelled_rows(  # type: ignore[no-untype
     assert {r["status"] for r in result} == {"cancelled"}
     assert all(r["output_tokens"] and r["metadata"]["tokens_estimated"] for r in result)
     assert "Task was destroyed" not in caplog.text
+
+
+async def test_finished_streams_reuse_their_connection(  # type: ignore[no-untyped-def]
+    pg_dsn: str, pg: asyncpg.Connection, two
+) -> None:
+    first, second = two
+    t = await tenant(pg)
+    async with TenantLLMRouter(pg_dsn, providers=providers(first, second)) as router:
+        for _ in range(10):
+            async with await router.stream_for_tenant(t, MSG) as stream:
+                assert "".join([c.content async for c in stream]).startswith("[first]")
+    assert first.connections_accepted == 1

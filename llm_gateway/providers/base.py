@@ -40,7 +40,8 @@ class ProviderSettings:
     # Whether requests need a key at all (a local server usually does not).
     requires_key: bool = True
     max_connections: int = 100
-    max_keepalive: int = 20
+    # As many idle connections as active ones: a smaller pool reconnects (TLS) under load.
+    max_keepalive: int = 100
     connect_timeout: float = 5.0
     models: Mapping[str, int] = field(default_factory=dict)  # model -> context window (tokens)
 

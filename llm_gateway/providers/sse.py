@@ -63,6 +63,11 @@ async def iter_events(
         payload = "\n".join(data)
         data.clear()
         if payload == "[DONE]":
+            # Read the (empty) rest of the body so the connection goes back to the pool; a
+            # server that keeps talking after [DONE] is cut off by the stream's aclose().
+            for _ in range(8):
+                if await anext(lines, None) is None:
+                    break
             return
         try:
             obj = _loads(payload)

@@ -131,6 +131,8 @@ class SimulatedProvider:
         self.record_requests = record_requests
         self.rate_limit_requests = rate_limit_requests
         self.rate_limit_tokens = rate_limit_tokens
+        self.connections_accepted = 0
+        """TCP connections accepted so far (a client that reuses connections keeps it low)."""
         self.key_behaviours: dict[str, str | Behaviour] = {}
         """Per API key: every chat request carrying that key behaves like this (e.g. "401")."""
         self.requests: list[RecordedRequest] = []
@@ -242,6 +244,7 @@ class SimulatedProvider:
             writer.transport.abort()
             return
         self._conns[task] = writer
+        self.connections_accepted += 1
         try:
             while await self._handle_one(reader, writer):
                 pass
