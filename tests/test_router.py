@@ -272,3 +272,24 @@ async def test_close_drains_queued_rows(pg_dsn: str, pg: asyncpg.Connection, sim
     rows = await usage_rows(pg, tenant)
     assert len(rows) == 200
     assert {r["id"] for r in rows} == {r.usage_id for r in results}
+
+
+async def test_params_and_tool_calls_pass_through(
+    pg_dsn: str, pg: asyncpg.Connection, sims: Sims
+) -> None:
+    tenant = await make_tenant(
+        pg, llm_tokens={"llm7": "k"}, inference_config={"preferred_provider": "llm7"}
+    )
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    async with TenantLLMRouter(pg_dsn, providers=sims.providers()) as router:
+        result = await router.complete_for_tenant(
+            tenant, MSG, temperature=0.2, max_tokens=64, tools=tools
+        )
+        with pytest.raises(BadRequestError):
+            await router.complete_for_tenant(tenant, MSG, temperature=object())
+    body = sims.llm7.requests[0].body
+    assert body is not None
+    assert (body["temperature"], body["max_tokens"], body["tools"]) == (0.2, 64, tools)
+    assert result.finish_reason == "tool_calls"
+    assert result.tool_calls is not None and result.tool_calls[0]["function"]["name"] == "lookup"
+    assert len(sims.llm7.requests) == 1  # the unserialisable request never left the process

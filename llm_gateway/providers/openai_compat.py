@@ -10,4 +10,4 @@ from .base import Provider, ProviderSettings, build_provider
 
 def create_openai_provider(settings: ProviderSettings) -> Provider:
     """A provider on ``openai.AsyncOpenAI`` (which runs on ``httpx2``)."""
-    return build_provider(settings, openai.AsyncOpenAI, httpx2)
+    return build_provider(settings, openai.AsyncOpenAI, httpx2, "/chat/completions")
