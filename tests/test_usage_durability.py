@@ -330,3 +330,29 @@ async def test_odd_metadata_survives_the_spool_and_the_database(
     ]
     assert stored[0] == stored[1]
     assert stored[0]["price"] == "1.50" and stored[0]["7"] == "k"
+
+
+async def test_replayed_old_rows_reach_the_hourly_rollup(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Maintenance recomputes only recent hours; a replay refreshes the hours it wrote."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_usage_tracker import make_row
+
+    tenant = uuid.uuid4()
+    two_days_ago = datetime.now(UTC).replace(minute=10) - timedelta(days=2)
+    down = tracker_for(closed_port_dsn(), tmp_path)
+    await down.start()
+    for i in range(40):
+        down.record(make_row(tenant, i, timestamp=two_days_ago + timedelta(seconds=i)))
+    assert (await down.close(timeout=5)).spooled_rows == 40
+    up = tracker_for(pg_dsn, tmp_path)
+    await up.start()
+    assert (await up.close()).replayed_rows == 40
+    row = await pg.fetchrow(
+        "SELECT sum(requests) AS requests, sum(total_tokens) AS tokens"
+        " FROM model_usage_hourly WHERE tenant_id = $1",
+        tenant,
+    )
+    assert row is not None and (row["requests"], row["tokens"]) == (40, 40 * 30)

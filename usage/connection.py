@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -26,6 +27,8 @@ _MAINT_TIMEOUT = 120.0
 _MAINTAIN_SQL = (
     "SELECT p.prokind FROM pg_proc p WHERE p.oid = to_regproc('llm_gateway_maintain_usage')"
 )
+
+_REFRESH_SQL = "SELECT to_regproc('llm_gateway_refresh_usage_hourly')"
 
 
 class WriterLink:
@@ -124,3 +127,25 @@ class WriterLink:
             raise
         except Exception as exc:
             log.warning("usage maintenance failed: %s", w.describe_error(exc))
+
+    async def refresh_rollup(self, since: datetime, until: datetime) -> None:
+        """Recompute the hourly rollup over replayed rows' hours, if the schema has one.
+
+        Maintenance only recomputes the last few hours; rows replayed from a spool after a long
+        outage are older. Errors are logged, never raised: the raw rows are already written.
+        """
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire(timeout=self.connect_timeout) as conn:
+                if await conn.fetchval(_REFRESH_SQL) is None:
+                    return
+                await conn.execute(
+                    "SELECT llm_gateway_refresh_usage_hourly($1, $2)",
+                    since,
+                    until,
+                    timeout=_MAINT_TIMEOUT,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("rollup refresh after replay failed: %s", w.describe_error(exc))

@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import deque
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -378,6 +378,9 @@ class UsagePipeline:
             claimed.release()
             self._unremovable.add(claimed.path)
             log.error("cannot delete replayed spool file %s: %s", claimed.path.name, exc)
+        if rows:
+            newest = max(r.timestamp for r in rows) + timedelta(microseconds=1)  # end: exclusive
+            await self._link.refresh_rollup(min(r.timestamp for r in rows), newest)
         self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)
