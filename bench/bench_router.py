@@ -566,11 +566,10 @@ async def part1(
         "Part 1 - the router's extra CPU per request (medians; differences of medians)",
         [""] + [f"router - ({k}) µs" for k in refs] + ["(f0) µs", "router / (a)", "router / (b)"],
         rows,
-        note="The router calls its provider like (b) plus a per-request key header and timeout"
-        " ((b1), --variants to add it): router - (b) is\nwhat routing, tenancy and usage"
-        " accounting add on top of the SDK call, as a difference of two noisy medians; (f0)"
-        " measures\nthe same thing directly, without HTTP. router - (b2): what the router would"
-        " cost over the cheaper SDK path (b2). Negative: cheaper.",
+        note="The router calls its provider like (b2) plus a per-request key header and"
+        " timeout: router - (b2) is\nwhat routing, tenancy and usage accounting add on top of"
+        " the SDK call, as a difference of two noisy medians; (f0)\nmeasures the same thing"
+        " directly, without HTTP. Negative: cheaper (within the noise of the CPU ranges).",
     )
 
 
