@@ -356,3 +356,31 @@ async def test_replayed_old_rows_reach_the_hourly_rollup(
         tenant,
     )
     assert row is not None and (row["requests"], row["tokens"]) == (40, 40 * 30)
+
+
+async def test_router_requests_during_an_outage_land_after_restart(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """1,000 routed requests while the usage database is unreachable; a new process replays."""
+    from llm_gateway import TenantLLMRouter, provider_settings
+    from llm_gateway.simulator import SimulatedProvider
+    from tests.conftest import make_tenant
+
+    tenant = await make_tenant(pg, llm_tokens={"llm7": "k"})
+    down = tracker_for(closed_port_dsn(), tmp_path)
+    async with SimulatedProvider(name="l") as sim:
+        providers = {"llm7": provider_settings("llm7", sim.base_url)}
+        async with TenantLLMRouter(pg_dsn, providers=providers, usage_tracker=down) as router:
+            sem = asyncio.Semaphore(32)
+
+            async def one(i: int) -> None:
+                async with sem:
+                    await router.complete_for_tenant(tenant, [{"role": "user", "content": f"{i}"}])
+
+            await asyncio.gather(*(one(i) for i in range(1000)))
+        backlog = await down.close(timeout=5)  # the router does not close a tracker it was given
+    assert backlog.spooled_total == 1000 and backlog.written_rows == 0
+    assert await count_rows(pg, tenant) == (0, 0)
+    replayed = run_python(REPLAY_IN_NEW_PROCESS, pg_dsn, str(tmp_path))
+    assert replayed["replayed_rows"] == 1000
+    assert await count_rows(pg, tenant) == (1000, 1000)
