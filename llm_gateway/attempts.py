@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from usage import ModelUsageTracker, UsageRecord, new_usage_id
+from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
@@ -71,41 +70,39 @@ class RequestLedger:
     ) -> tuple[Attempt, Decimal | None]:
         """Queue the usage row of one finished attempt; returns it as an Attempt and its cost."""
         served = model or entry.model
-        price = self.prices.lookup(entry.provider, served)
-        cost = None if price is None else price.cost(input_tokens, output_tokens)
         usage_id = new_usage_id()
         message = None if error is None else (str(error) or type(error).__name__)
+        cost: Decimal | None
         if self.tracker is not None:
             meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
             if extra:
                 meta.update(extra)
             if self.metadata:
                 meta.update(self.metadata)
-            self.tracker.record(
-                UsageRecord(
-                    id=usage_id,
-                    tenant_id=self.tenant_id,
-                    user_id=self.user_id,
-                    provider=entry.provider,
-                    model_name=served,
-                    endpoint=self.endpoint,
-                    input_tokens=input_tokens,
-                    output_tokens=output_tokens,
-                    latency_ms=round(latency * 1000),
-                    estimated_cost_usd=cost,
-                    status=outcome,
-                    error_message=message,
-                    metadata=meta,
-                    timestamp=datetime.now(UTC),
-                    request_id=self.request_id,
-                    requested_model=entry.model,
-                    attempt=len(self.attempts) + 1,
-                    key_source=entry.key_source,
-                    input_price_per_m=None if price is None else price.input_per_m,
-                    output_price_per_m=None if price is None else price.output_per_m,
-                    price_known=price is not None,
-                )
+            # The tracker prices the row; the caller's result carries the same cost.
+            row = self.tracker.make_record(
+                tenant_id=self.tenant_id,
+                provider=entry.provider,
+                model_name=served,
+                endpoint=self.endpoint,
+                latency_ms=latency * 1000,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                status=outcome,
+                error_message=message,
+                user_id=self.user_id,
+                metadata=meta,
+                request_id=self.request_id,
+                requested_model=entry.model,
+                attempt=len(self.attempts) + 1,
+                key_source=entry.key_source,
+                usage_id=usage_id,
             )
+            self.tracker.record(row)
+            cost = row.estimated_cost_usd
+        else:
+            price = self.prices.lookup(entry.provider, served)
+            cost = None if price is None else price.cost(input_tokens, output_tokens)
         attempt = Attempt(
             provider=entry.provider,
             model=served,
