@@ -65,6 +65,8 @@ class RequestLedger:
         model: str | None = None,
         input_tokens: int | None = None,
         output_tokens: int | None = None,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
         error: ProviderError | BaseException | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> tuple[Attempt, Decimal | None]:
@@ -88,6 +90,8 @@ class RequestLedger:
                 latency_ms=latency * 1000,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
+                cached_input_tokens=cached_tokens,
+                reasoning_tokens=reasoning_tokens,
                 status=outcome,
                 error_message=message,
                 user_id=self.user_id,
@@ -102,7 +106,16 @@ class RequestLedger:
             cost = row.estimated_cost_usd
         else:
             price = self.prices.lookup(entry.provider, served)
-            cost = None if price is None else price.cost(input_tokens, output_tokens)
+            cost = (
+                None
+                if price is None
+                else price.cost(
+                    input_tokens,
+                    output_tokens,
+                    cached_input_tokens=cached_tokens,
+                    reasoning_tokens=reasoning_tokens,
+                )
+            )
         attempt = Attempt(
             provider=entry.provider,
             model=served,

@@ -316,6 +316,8 @@ class TenantLLMRouter:
                     model=response.model,
                     input_tokens=response.input_tokens,
                     output_tokens=response.output_tokens,
+                    cached_tokens=response.cached_tokens,
+                    reasoning_tokens=response.reasoning_tokens,
                     extra=extra,
                 )
                 return CompletionResult(

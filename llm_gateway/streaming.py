@@ -30,7 +30,7 @@ from .errors import (
 )
 from .health import HealthRegistry, KeyHealth
 from .providers import Provider
-from .providers.base import ProviderStream
+from .providers.base import ProviderStream, token_detail
 from .types import CompletionResult
 
 __all__ = ["CompletionStream", "StreamChunk"]
@@ -54,12 +54,14 @@ class _Progress:
     """What the current attempt has received so far."""
 
     __slots__ = (
+        "cached_tokens",
         "chunks",
         "finish_reason",
         "input_tokens",
         "model",
         "output_tokens",
         "parts",
+        "reasoning_tokens",
         "tools",
     )
 
@@ -71,6 +73,8 @@ class _Progress:
         self.finish_reason: str | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+        self.cached_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
 
     def apply(self, event: Mapping[str, Any], provider: str) -> StreamChunk | None:
         """Fold one event in; the chunk to give the caller, if it carries anything."""
@@ -82,6 +86,10 @@ class _Progress:
             # An explicit 0 stays 0; a missing count stays unknown.
             self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
             self.output_tokens = usage.get("completion_tokens", self.output_tokens)
+            self.cached_tokens = token_detail(usage, "prompt_tokens_details", "cached_tokens")
+            self.reasoning_tokens = token_detail(
+                usage, "completion_tokens_details", "reasoning_tokens"
+            )
         choices = event.get("choices")
         if not choices:
             return None
@@ -344,6 +352,8 @@ class CompletionStream:
             model=progress.model,
             input_tokens=inp,
             output_tokens=out,
+            cached_tokens=progress.cached_tokens,
+            reasoning_tokens=progress.reasoning_tokens,
             error=error or cancelled,
             extra=extra,
         )

@@ -293,3 +293,22 @@ async def test_params_and_tool_calls_pass_through(
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls is not None and result.tool_calls[0]["function"]["name"] == "lookup"
     assert len(sims.llm7.requests) == 1  # the unserialisable request never left the process
+
+
+async def test_cached_tokens_are_priced(pg_dsn: str, pg: asyncpg.Connection) -> None:
+    from decimal import Decimal
+
+    from llm_gateway.simulator import Behaviour
+
+    tenant = await make_tenant(pg, inference_config={"preferred_provider": "openai"})
+    async with SimulatedProvider(name="oai") as sim:
+        providers = {"openai": provider_settings("openai", sim.base_url, api_key="sys")}
+        sim.script(Behaviour(prompt_tokens=1000, completion_tokens=100, cached_tokens=800))
+        async with TenantLLMRouter(pg_dsn, providers=providers) as router:
+            result = await router.complete_for_tenant(tenant, MSG)
+    # gpt-4o-mini: 0.15 in, 0.60 out, 0.075 cached input per million tokens.
+    expected = Decimal("0.000150")  # (200 * 0.15 + 800 * 0.075 + 100 * 0.60) / 1e6
+    assert result.cost == expected
+    [row] = await usage_rows(pg, tenant)
+    assert row["estimated_cost_usd"] == expected
+    assert json.loads(row["metadata"])["cached_input_tokens"] == 800

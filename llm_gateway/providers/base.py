@@ -166,8 +166,17 @@ class ProviderResponse:
     tool_calls: list[dict[str, Any]] | None
     input_tokens: int | None
     output_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
     headers: Mapping[str, str]
     raw: dict[str, Any]
+
+
+def token_detail(usage: Mapping[str, Any], group: str, name: str) -> int | None:
+    """A count from ``usage[group][name]`` (cached / reasoning tokens), if reported."""
+    details = usage.get(group)
+    value = details.get(name) if isinstance(details, Mapping) else None
+    return value if isinstance(value, int) else None
 
 
 def parse_completion(
@@ -205,6 +214,8 @@ def parse_completion(
         tool_calls=tool_calls,
         input_tokens=usage.get("prompt_tokens"),
         output_tokens=usage.get("completion_tokens"),
+        cached_tokens=token_detail(usage, "prompt_tokens_details", "cached_tokens"),
+        reasoning_tokens=token_detail(usage, "completion_tokens_details", "reasoning_tokens"),
         headers=headers,
         raw=data,
     )

@@ -51,13 +51,23 @@ def tool_to_call(body: Mapping[str, Any]) -> str | None:
     return name if isinstance(name, str) else "tool"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """An OpenAI ``usage`` object."""
-    return {
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
+) -> dict[str, Any]:
+    """An OpenAI ``usage`` object, with the token details when given."""
+    found: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if cached_tokens is not None:
+        found["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        found["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return found
 
 
 def split_text(text: str, pieces: int) -> list[str]:
@@ -84,7 +94,7 @@ class Answer:
     model: str
     content: str
     tool: str | None
-    usage: dict[str, int]
+    usage: dict[str, Any]
     flavor: str
 
     @classmethod
@@ -115,7 +125,7 @@ class Answer:
             model=model,
             content=content,
             tool=tool,
-            usage=usage(prompt, completion),
+            usage=usage(prompt, completion, beh.cached_tokens, beh.reasoning_tokens),
             flavor=flavor,
         )
 

@@ -133,6 +133,10 @@ class Behaviour:
     """Reported ``usage.prompt_tokens`` override."""
     completion_tokens: int | None = None
     """Reported ``usage.completion_tokens`` override."""
+    cached_tokens: int | None = None
+    """Reported ``usage.prompt_tokens_details.cached_tokens``."""
+    reasoning_tokens: int | None = None
+    """Reported ``usage.completion_tokens_details.reasoning_tokens``."""
     headers: Mapping[str, str] | None = None
     """Extra response headers."""
 
