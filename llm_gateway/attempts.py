@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
@@ -15,6 +16,8 @@ from .errors import ProviderError
 from .types import Attempt, TaskType
 
 __all__ = ["RequestLedger"]
+
+log = logging.getLogger("llm_gateway")
 
 
 class RequestLedger:
@@ -115,6 +118,16 @@ class RequestLedger:
                     cached_input_tokens=cached_tokens,
                     reasoning_tokens=reasoning_tokens,
                 )
+            )
+        if error is not None:
+            log.info(
+                "attempt failed: tenant=%s provider=%s model=%s key=%s outcome=%s error=%s",
+                self.tenant_id,
+                entry.provider,
+                served,
+                entry.fingerprint,
+                outcome,
+                type(error).__name__,
             )
         attempt = Attempt(
             provider=entry.provider,

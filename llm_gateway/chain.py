@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
+
+from usage.pricing import Price
 
 from .config import TenantConfig
 from .health import HealthRegistry
@@ -26,7 +27,8 @@ __all__ = [
     "score",
 ]
 
-PriceLookup = Callable[[str, str], tuple[Decimal, Decimal] | None]
+# (provider, model) -> the model's price, e.g. ``PriceBook.lookup``.
+PriceLookup = Callable[[str, str], Price | None]
 
 # Score weights (lower is better). The unit is "seconds of expected latency".
 LATENCY_PRIOR = 1.0  # a key with no history is assumed to answer in 1 s
@@ -90,7 +92,9 @@ def build_route(
             key_source=source,
             fingerprint=key.fingerprint if key is not None else "nokey",
             context_window=settings.models.get(model),
-            price_per_m=None if prices is None else (float(prices[0]), float(prices[1])),
+            price_per_m=None
+            if prices is None
+            else (float(prices.input_per_m), float(prices.output_per_m)),
         )
     for name in config.keys:
         if name not in providers:

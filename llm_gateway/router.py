@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from decimal import Decimal
 from types import TracebackType
 from typing import Any
 
@@ -43,8 +41,6 @@ from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
 from .types import CompletionResult, TaskType
 
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
-
-log = logging.getLogger("llm_gateway")
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -171,11 +167,7 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(config, self._settings, self._price_per_m)
-
-    def _price_per_m(self, provider: str, model: str) -> tuple[Decimal, Decimal] | None:
-        price = self._prices.lookup(provider, model)
-        return None if price is None else (price.input_per_m, price.output_per_m)
+        return build_route(config, self._settings, self._prices.lookup)
 
     # --- configuration ---------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import contextlib
 import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -26,105 +25,17 @@ from .errors import (
     MidStreamError,
     ProviderError,
     ProviderTimeoutError,
-    ServerError,
 )
 from .health import HealthRegistry, KeyHealth
 from .providers import Provider
-from .providers.base import ProviderStream, token_detail
+from .providers.base import ProviderStream
+from .providers.sse import StreamChunk, StreamProgress
 from .types import CompletionResult
 
 __all__ = ["CompletionStream", "StreamChunk"]
 
 # Strong references to closes scheduled from __del__, so they are not garbage-collected.
 _closing: set[asyncio.Task[None]] = set()
-
-
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """One piece of a streamed answer."""
-
-    content: str
-    provider: str
-    model: str
-    finish_reason: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-
-
-class _Progress:
-    """What the current attempt has received so far."""
-
-    __slots__ = (
-        "cached_tokens",
-        "chunks",
-        "finish_reason",
-        "input_tokens",
-        "model",
-        "output_tokens",
-        "parts",
-        "reasoning_tokens",
-        "tools",
-    )
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.parts: list[str] = []
-        self.tools: list[dict[str, Any]] = []
-        self.chunks = 0
-        self.finish_reason: str | None = None
-        self.input_tokens: int | None = None
-        self.output_tokens: int | None = None
-        self.cached_tokens: int | None = None
-        self.reasoning_tokens: int | None = None
-
-    def apply(self, event: Mapping[str, Any], provider: str) -> StreamChunk | None:
-        """Fold one event in; the chunk to give the caller, if it carries anything."""
-        model = event.get("model")
-        if model:
-            self.model = model
-        usage = event.get("usage") or (event.get("x_groq") or {}).get("usage")
-        if usage:
-            # An explicit 0 stays 0; a missing count stays unknown.
-            self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
-            self.output_tokens = usage.get("completion_tokens", self.output_tokens)
-            self.cached_tokens = token_detail(usage, "prompt_tokens_details", "cached_tokens")
-            self.reasoning_tokens = token_detail(
-                usage, "completion_tokens_details", "reasoning_tokens"
-            )
-        choices = event.get("choices")
-        if not choices:
-            return None
-        choice = choices[0]
-        finish = choice.get("finish_reason")
-        if finish == "error":
-            raise ServerError("stream finished with an error", provider=provider, model=self.model)
-        delta = choice.get("delta") or {}
-        text = delta.get("content") or ""
-        tools = delta.get("tool_calls") or None
-        if finish:
-            self.finish_reason = finish
-        if not text and tools is None and not finish:
-            return None
-        if text:
-            self.parts.append(text)
-        if tools:
-            self.tools.extend(tools)
-        self.chunks += 1
-        return StreamChunk(text, provider, self.model, finish, tools)
-
-    @property
-    def has_content(self) -> bool:
-        return bool(self.parts or self.tools)
-
-    def tokens(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None, bool]:
-        """Input and output tokens: reported ones, else an estimate (flagged)."""
-        if self.input_tokens is not None and self.output_tokens is not None:
-            return self.input_tokens, self.output_tokens, False
-        prompt = sum(len(str(m.get("content") or "")) for m in messages)
-        inp = self.input_tokens if self.input_tokens is not None else prompt // 4 + 1
-        out = self.output_tokens
-        if out is None:
-            out = sum(len(p) for p in self.parts) // 4 + (1 if self.parts else 0)
-        return inp, out, True
 
 
 class CompletionStream:
@@ -162,7 +73,7 @@ class CompletionStream:
         self._state: KeyHealth | None = None
         self._stream: ProviderStream | None = None
         self._events: AsyncIterator[dict[str, Any]] | None = None
-        self._progress: _Progress | None = None
+        self._progress: StreamProgress | None = None
         self._pending: StreamChunk | None = None
         self._attempt_started = 0.0
         self._ttft = 0.0
@@ -181,7 +92,7 @@ class CompletionStream:
                 break
             state = health.get(entry.provider, entry.fingerprint)
             health.on_attempt(state)
-            progress = _Progress(entry.model)
+            progress = StreamProgress(entry.model)
             self._attempt_started = t0 = time.monotonic()
             stream: ProviderStream | None = None
             error: ProviderError

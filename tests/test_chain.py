@@ -17,6 +17,7 @@ from llm_gateway.errors import (
 )
 from llm_gateway.health import HealthRegistry
 from llm_gateway.providers import parse_retry_after, provider_settings
+from usage.pricing import Price
 
 T = uuid.UUID("00000000-0000-0000-0000-0000000000bb")
 PROVIDERS = {
@@ -27,10 +28,11 @@ PROVIDERS = {
 }
 
 
-def price(provider: str, model: str) -> tuple[Decimal, Decimal] | None:
-    return {"groq": (Decimal("0.59"), Decimal("0.79")), "llm7": (Decimal("5"), Decimal("15"))}.get(
-        provider
-    )
+def price(provider: str, model: str) -> Price | None:
+    return {
+        "groq": Price(Decimal("0.59"), Decimal("0.79")),
+        "llm7": Price(Decimal("5"), Decimal("15")),
+    }.get(provider)
 
 
 class Clock:

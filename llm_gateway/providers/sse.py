@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import (
@@ -13,7 +14,7 @@ from ..errors import (
     RateLimitError,
     ServerError,
 )
-from .base import _loads
+from .base import _loads, token_detail
 
 
 def in_band_error(error: object, provider: str, model: str) -> ProviderError:
@@ -96,3 +97,91 @@ async def iter_events(
                 if event == "error" or "error" in obj:
                     raise in_band_error(obj.get("error", obj), provider, model)
                 yield obj
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One piece of a streamed answer."""
+
+    content: str
+    provider: str
+    model: str
+    finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class StreamProgress:
+    """What one streamed attempt has received so far: text, tool calls, usage."""
+
+    __slots__ = (
+        "cached_tokens",
+        "chunks",
+        "finish_reason",
+        "input_tokens",
+        "model",
+        "output_tokens",
+        "parts",
+        "reasoning_tokens",
+        "tools",
+    )
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.parts: list[str] = []
+        self.tools: list[dict[str, Any]] = []
+        self.chunks = 0
+        self.finish_reason: str | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.cached_tokens: int | None = None
+        self.reasoning_tokens: int | None = None
+
+    def apply(self, event: Mapping[str, Any], provider: str) -> StreamChunk | None:
+        """Fold one event in; the chunk to give the caller, if it carries anything."""
+        model = event.get("model")
+        if model:
+            self.model = model
+        usage = event.get("usage") or (event.get("x_groq") or {}).get("usage")
+        if usage:
+            # An explicit 0 stays 0; a missing count stays unknown.
+            self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
+            self.output_tokens = usage.get("completion_tokens", self.output_tokens)
+            self.cached_tokens = token_detail(usage, "prompt_tokens_details", "cached_tokens")
+            self.reasoning_tokens = token_detail(
+                usage, "completion_tokens_details", "reasoning_tokens"
+            )
+        choices = event.get("choices")
+        if not choices:
+            return None
+        choice = choices[0]
+        finish = choice.get("finish_reason")
+        if finish == "error":
+            raise ServerError("stream finished with an error", provider=provider, model=self.model)
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or ""
+        tools = delta.get("tool_calls") or None
+        if finish:
+            self.finish_reason = finish
+        if not text and tools is None and not finish:
+            return None
+        if text:
+            self.parts.append(text)
+        if tools:
+            self.tools.extend(tools)
+        self.chunks += 1
+        return StreamChunk(text, provider, self.model, finish, tools)
+
+    @property
+    def has_content(self) -> bool:
+        return bool(self.parts or self.tools)
+
+    def tokens(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None, bool]:
+        """Input and output tokens: reported ones, else an estimate (flagged)."""
+        if self.input_tokens is not None and self.output_tokens is not None:
+            return self.input_tokens, self.output_tokens, False
+        prompt = sum(len(str(m.get("content") or "")) for m in messages)
+        inp = self.input_tokens if self.input_tokens is not None else prompt // 4 + 1
+        out = self.output_tokens
+        if out is None:
+            out = sum(len(p) for p in self.parts) // 4 + (1 if self.parts else 0)
+        return inp, out, True
