@@ -59,6 +59,8 @@ class TenantLLMRouter:
         cache_ttl: seconds a tenant's config is cached.
         unknown_tenant: ``"error"`` raises :class:`TenantNotFoundError` for a tenant id without
             a row; ``"system_defaults"`` serves it with system keys and default settings.
+        stale_if_error: while PostgreSQL fails, a tenant loaded within this many seconds is
+            served with its last known config (0: fail with ConfigUnavailableError).
         providers: provider settings by name; default :func:`settings_from_env`.
         usage_tracker: where usage rows go; default a tracker of its own on ``dsn``.
         record_usage: ``False`` records nothing (tests of routing only).
@@ -77,6 +79,7 @@ class TenantLLMRouter:
         cache_ttl: float = 300.0,
         cache_maxsize: int = 10_000,
         unknown_tenant: UnknownTenantPolicy = "error",
+        stale_if_error: float = 3600.0,
         providers: Mapping[str, ProviderSettings] | None = None,
         usage_tracker: ModelUsageTracker | None = None,
         record_usage: bool = True,
@@ -109,6 +112,7 @@ class TenantLLMRouter:
             ttl=cache_ttl,
             maxsize=cache_maxsize,
             unknown_tenant=unknown_tenant,
+            stale_if_error=stale_if_error,
         )
         self._started = False
         self._closed = False
@@ -354,12 +358,10 @@ class TenantLLMRouter:
         timeout: float | None = None,
         **params: Any,
     ) -> CompletionStream:
-        """Stream a completion for a tenant; same arguments as :meth:`complete_for_tenant`.
+        """Stream a completion; same arguments as :meth:`complete_for_tenant`.
 
-        Returns once a provider has produced its first content chunk (failing over until
-        then); iterate the stream with ``async with stream: async for chunk in stream``.
-        A failure after that raises :class:`MidStreamError`. Usage is requested with
-        ``stream_options.include_usage``; the attempt's row is written however the stream ends.
+        Returns once a provider produced its first content chunk (failing over until then);
+        a later failure raises :class:`MidStreamError`. Use ``async with stream:``.
         """
         started = time.monotonic()
         budget = self.timeout if timeout is None else timeout

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Generic, Literal, TypeVar
@@ -18,6 +20,7 @@ __all__ = ["TenantConfigStore", "UnknownTenantPolicy", "as_tenant_id"]
 
 UnknownTenantPolicy = Literal["error", "system_defaults"]
 T = TypeVar("T")
+log = logging.getLogger("llm_gateway")
 
 # As text, so the JSON is parsed in one place whatever codecs the pool has: a JSON *string*
 # (double-encoded config) must stay distinguishable from an object.
@@ -46,6 +49,11 @@ class TenantConfigStore(Generic[T]):
     served with system defaults (``"system_defaults"``: no tenant keys, default inference
     config); only found rows and defaults are cached, so a tenant created after a miss is seen
     on its next request.
+
+    When PostgreSQL fails, a tenant loaded within the last ``stale_if_error`` seconds keeps
+    its last known config (logged) instead of failing; for ``retry_after_error`` seconds after
+    a failure, such tenants are served without asking the database again. ``query_timeout``
+    bounds one config query.
     """
 
     def __init__(
@@ -56,6 +64,9 @@ class TenantConfigStore(Generic[T]):
         ttl: float = 300.0,
         maxsize: int = 10_000,
         unknown_tenant: UnknownTenantPolicy = "error",
+        stale_if_error: float = 3600.0,
+        retry_after_error: float = 5.0,
+        query_timeout: float = 5.0,
     ) -> None:
         if unknown_tenant not in ("error", "system_defaults"):
             raise ValueError(
@@ -65,6 +76,13 @@ class TenantConfigStore(Generic[T]):
         self._build = build
         self.unknown_tenant = unknown_tenant
         self._cache: TTLCache[uuid.UUID, T] = TTLCache(maxsize=maxsize, ttl=ttl)
+        # Last known configs, the fallback while PostgreSQL is failing (None: no fallback).
+        self._stale: TTLCache[uuid.UUID, T] | None = (
+            TTLCache(maxsize=maxsize, ttl=stale_if_error) if stale_if_error > 0 else None
+        )
+        self._retry_after_error = retry_after_error
+        self._query_timeout = query_timeout
+        self._db_failed_until = 0.0
         self._inflight: dict[uuid.UUID, asyncio.Future[T]] = {}
         # Bumped by invalidate(): a load that began before an invalidation is not cached.
         self._generation = 0
@@ -95,11 +113,22 @@ class TenantConfigStore(Generic[T]):
             del self._inflight[tenant_id]
 
     async def _load(self, tenant_id: uuid.UUID) -> T:
+        stale = self._stale.get(tenant_id) if self._stale is not None else None
+        if stale is not None and time.monotonic() < self._db_failed_until:
+            return stale  # the database failed moments ago: do not wait on it again
         self.loads += 1
         generation = self._generation
         try:
-            row = await self._pool().fetchrow(_QUERY, tenant_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            row = await self._pool().fetchrow(_QUERY, tenant_id, timeout=self._query_timeout)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self._db_failed_until = time.monotonic() + self._retry_after_error
+            if stale is not None:
+                log.warning(
+                    "tenant config query failed (%s); serving the last known config of %s",
+                    type(exc).__name__,
+                    tenant_id,
+                )
+                return stale
             raise ConfigUnavailableError(
                 f"cannot load config of tenant {tenant_id}: {type(exc).__name__}: {exc}"
             ) from exc
@@ -118,6 +147,8 @@ class TenantConfigStore(Generic[T]):
         value = self._build(config)
         if generation == self._generation:
             self._cache[tenant_id] = value
+            if self._stale is not None:
+                self._stale[tenant_id] = value
         return value
 
     def invalidate(self, tenant_id: uuid.UUID | str | None = None) -> None:

@@ -312,3 +312,24 @@ async def test_cached_tokens_are_priced(pg_dsn: str, pg: asyncpg.Connection) -> 
     [row] = await usage_rows(pg, tenant)
     assert row["estimated_cost_usd"] == expected
     assert json.loads(row["metadata"])["cached_input_tokens"] == 800
+
+
+async def test_last_known_config_serves_through_a_database_outage(
+    pg_dsn: str, pg: asyncpg.Connection, sims: Sims
+) -> None:
+    from llm_gateway import ConfigUnavailableError
+
+    known = await make_tenant(
+        pg, llm_tokens={"groq": "g"}, inference_config={"preferred_provider": "groq"}
+    )
+    never_loaded = await make_tenant(pg, llm_tokens={"groq": "g"})
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    async with TenantLLMRouter(
+        pg_dsn, pool=pool, providers=sims.providers(), cache_ttl=0.2
+    ) as router:
+        assert (await router.complete_for_tenant(known, MSG)).provider == "groq"
+        await pool.close()  # the config database is gone
+        await asyncio.sleep(0.3)  # and the cached entry has expired
+        assert (await router.complete_for_tenant(known, MSG)).provider == "groq"
+        with pytest.raises(ConfigUnavailableError):
+            await router.complete_for_tenant(never_loaded, MSG)
