@@ -201,12 +201,14 @@ class TenantLLMRouter:
         route = await self._store.get(tid)
         while True:
             now = time.monotonic()
-            skipped: dict[str, str] = {}
-            chain = order_chain(route, self._health, estimated_tokens, now, skipped)
+            chain = order_chain(route, self._health, estimated_tokens, now)
             if chain:
                 return tid, chain
             wait = rate_limit_wait(route, self._health, now)
             if wait is None or now + wait > deadline:
+                # Only now are the reasons worth collecting.
+                skipped: dict[str, str] = {}
+                order_chain(route, self._health, estimated_tokens, now, skipped)
                 raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
             await asyncio.sleep(wait)
 

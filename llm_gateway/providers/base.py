@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -52,9 +52,6 @@ class ProviderSettings:
     max_keepalive: int = 100
     connect_timeout: float = 5.0
     models: Mapping[str, int] = field(default_factory=dict)  # model -> context window (tokens)
-
-    def with_key(self, key: str | None) -> ProviderSettings:
-        return replace(self, api_key=ApiKey(key, "system") if key else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,23 @@ def in_band_error(error: object, provider: str, model: str) -> ProviderError:
     )
 
 
+def _decode(payload: str, event: str | None, provider: str, model: str) -> dict[str, Any]:
+    """One event's data as a chunk object, or the typed error it carries."""
+    try:
+        obj = _loads(payload)
+    except ValueError:
+        raise MalformedResponseError(
+            f"stream event is not JSON ({payload[:40]!r})", provider=provider, model=model
+        ) from None
+    if not isinstance(obj, dict):
+        raise MalformedResponseError(
+            "stream event is not an object", provider=provider, model=model
+        )
+    if event == "error" or "error" in obj:
+        raise in_band_error(obj.get("error", obj), provider, model)
+    return obj
+
+
 async def iter_events(
     lines: AsyncIterator[str], provider: str, model: str
 ) -> AsyncIterator[dict[str, Any]]:
@@ -70,33 +87,10 @@ async def iter_events(
                 if await anext(lines, None) is None:
                     break
             return
-        try:
-            obj = _loads(payload)
-        except ValueError:
-            raise MalformedResponseError(
-                f"stream event is not JSON ({payload[:40]!r})", provider=provider, model=model
-            ) from None
-        if not isinstance(obj, dict):
-            raise MalformedResponseError(
-                "stream event is not an object", provider=provider, model=model
-            )
-        if event == "error" or "error" in obj:
-            raise in_band_error(obj.get("error", obj), provider, model)
+        yield _decode(payload, event, provider, model)
         event = None
-        yield obj
-    if data:  # a last event without its blank line
-        payload = "\n".join(data)
-        if payload != "[DONE]":
-            try:
-                obj = _loads(payload)
-            except ValueError:
-                raise MalformedResponseError(
-                    "stream ended inside an event", provider=provider, model=model
-                ) from None
-            if isinstance(obj, dict):
-                if event == "error" or "error" in obj:
-                    raise in_band_error(obj.get("error", obj), provider, model)
-                yield obj
+    if data and (payload := "\n".join(data)) != "[DONE]":  # a last event without its blank line
+        yield _decode(payload, event, provider, model)
 
 
 @dataclass(frozen=True, slots=True)
