@@ -12,7 +12,7 @@ from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
-from .errors import ProviderError
+from .errors import AllProvidersFailedError, DeadlineExceededError, ProviderError
 from .types import Attempt, TaskType
 
 __all__ = ["RequestLedger"]
@@ -142,3 +142,22 @@ class RequestLedger:
         )
         self.attempts.append(attempt)
         return attempt, cost
+
+    def failed(
+        self,
+        entry: ChainEntry,
+        error: ProviderError,
+        latency: float,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record a failed attempt; re-raise it when another provider would fail the same way."""
+        self.record(entry, error.status, latency, error=error, extra=extra)
+        if not error.retryable:
+            error.attempts = tuple(self.attempts)
+            raise error
+
+    def gave_up(self, deadline_passed: bool, budget: float) -> AllProvidersFailedError:
+        """The error ending a request whose every attempt failed."""
+        if deadline_passed:
+            return DeadlineExceededError(self.tenant_id, self.attempts, budget)
+        return AllProvidersFailedError(self.tenant_id, self.attempts)

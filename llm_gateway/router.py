@@ -26,9 +26,7 @@ from .chain import (
 )
 from .config import TenantConfig
 from .errors import (
-    AllProvidersFailedError,
     DatabaseError,
-    DeadlineExceededError,
     GatewayError,
     NoProviderAvailableError,
     ProviderError,
@@ -288,15 +286,12 @@ class TenantLLMRouter:
                         f"no answer within {cap:.3g}s", provider=entry.provider, model=entry.model
                     )
                     health.on_failure(state, error)
-                    ledger.record(entry, error.status, time.monotonic() - t0, error=error)
+                    ledger.failed(entry, error, time.monotonic() - t0)
                     deadline_hit = cap >= remaining
                     continue
                 except ProviderError as error:
                     health.on_failure(state, error)
-                    ledger.record(entry, error.status, time.monotonic() - t0, error=error)
-                    if not error.retryable:
-                        error.attempts = tuple(ledger.attempts)
-                        raise error
+                    ledger.failed(entry, error, time.monotonic() - t0)
                     continue
                 except asyncio.CancelledError as cancelled:
                     health.on_cancel(state)
@@ -343,9 +338,7 @@ class TenantLLMRouter:
                 _, chain = await self._plan(tid, estimated_tokens, deadline)
             except NoProviderAvailableError:
                 break
-        if deadline_hit or time.monotonic() >= deadline:
-            raise DeadlineExceededError(tid, ledger.attempts, budget)
-        raise AllProvidersFailedError(tid, ledger.attempts)
+        raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, budget)
 
     async def stream_for_tenant(
         self,

@@ -19,8 +19,6 @@ from typing import Any
 from .attempts import RequestLedger
 from .chain import ChainEntry
 from .errors import (
-    AllProvidersFailedError,
-    DeadlineExceededError,
     MalformedResponseError,
     MidStreamError,
     ProviderError,
@@ -152,16 +150,8 @@ class CompletionStream:
             if stream is not None:
                 await stream.aclose()
             health.on_failure(state, error)
-            ledger.record(
-                entry, error.status, time.monotonic() - t0, error=error, extra={"stream": True}
-            )
-            if not error.retryable:
-                error.attempts = tuple(ledger.attempts)
-                raise error
-        tenant = ledger.tenant_id
-        if deadline_hit or time.monotonic() >= deadline:
-            raise DeadlineExceededError(tenant, ledger.attempts, self._budget)
-        raise AllProvidersFailedError(tenant, ledger.attempts)
+            ledger.failed(entry, error, time.monotonic() - t0, extra={"stream": True})
+        raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, self._budget)
 
     # --- iteration -------------------------------------------------------------------------
 
