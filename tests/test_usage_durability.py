@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import subprocess
@@ -13,10 +12,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from tests.tcp_proxy import TcpProxy
 from tests.test_usage_tracker import (
     closed_port_dsn,
     count_rows,
@@ -149,74 +148,73 @@ async def test_a_file_held_by_another_process_is_not_replayed(
     assert await count_rows(pg, tenant) == (50, 50)
 
 
-class TcpProxy:
-    """A loopback TCP proxy to PostgreSQL that can be taken down and brought back."""
-
-    def __init__(self, dsn: str) -> None:
-        parts = urlsplit(dsn)
-        self._dsn = parts
-        self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    @property
-    def dsn(self) -> str:
-        netloc = f"{self._dsn.username}@127.0.0.1:{self.port}"
-        return urlunsplit(self._dsn._replace(netloc=netloc))
-
-    async def up(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def down(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-
 async def test_outage_and_recovery_in_one_process(
     pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
 ) -> None:
     tenant = uuid.uuid4()
-    proxy = TcpProxy(pg_dsn)
-    await proxy.up()
-    tracker = tracker_for(proxy.dsn, tmp_path)
-    await tracker.start()
-    for i in range(100):
-        tracker.record(make_row(tenant, i))
-    assert await tracker.flush(timeout=5)
-    assert await count_rows(pg, tenant) == (100, 100)
+    async with TcpProxy(pg_dsn) as proxy:
+        tracker = tracker_for(proxy.dsn, tmp_path)
+        await tracker.start()
+        for i in range(100):
+            tracker.record(make_row(tenant, i))
+        assert await tracker.flush(timeout=5)
+        assert await count_rows(pg, tenant) == (100, 100)
 
-    await proxy.down()
-    for i in range(200):
-        tracker.record(make_row(tenant, 100 + i))
-    assert await tracker.flush(timeout=5)  # spooled after the grace period
-    assert tracker.stats.spooled_rows == 200 and not tracker.stats.database_available
-    assert await count_rows(pg, tenant) == (100, 100)
+        await proxy.cut()
+        for i in range(200):
+            tracker.record(make_row(tenant, 100 + i))
+        assert await tracker.flush(timeout=5)  # spooled after the grace period
+        assert tracker.stats.spooled_rows == 200 and not tracker.stats.database_available
+        assert await count_rows(pg, tenant) == (100, 100)
 
-    await proxy.up()  # same port: the writer probes, then replays the spool
-    await eventually(lambda: tracker.stats.replayed_rows == 200)
-    backlog = await tracker.close()
-    assert backlog.database_available and backlog.spooled_rows == 0
-    assert await count_rows(pg, tenant) == (300, 300)
-    await proxy.down()
+        proxy.restore()  # the writer probes, then replays the spool
+        await eventually(lambda: tracker.stats.replayed_rows == 200)
+        backlog = await tracker.close()
+        assert backlog.database_available and backlog.spooled_rows == 0
+        assert await count_rows(pg, tenant) == (300, 300)
+
+
+async def test_a_cut_while_idle_reconnects_without_a_restart(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The connection dies while the writer waits; after the outage the same process writes
+    its new rows and replays its spool while it keeps recording."""
+    tenant = uuid.uuid4()
+    async with TcpProxy(pg_dsn) as proxy:
+        tracker = tracker_for(proxy.dsn, tmp_path, grace_period=0.5)
+        await tracker.start()
+        n = 0
+
+        async def record_for(seconds: float) -> None:
+            nonlocal n
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                tracker.record(make_row(tenant, n))
+                n += 1
+                await asyncio.sleep(0.01)
+
+        await record_for(0.5)
+        assert await tracker.flush(timeout=5)
+        assert await count_rows(pg, tenant) == (n, n)
+
+        await proxy.cut()  # the writer is idle: its connection dies between writes
+        await asyncio.sleep(0.2)
+        await record_for(3.0)
+        assert not tracker.stats.database_available
+        assert tracker.stats.spooled_total > 0
+
+        proxy.restore()
+        restored = time.monotonic()
+        await record_for(1.0)  # the process keeps serving
+        deadline = time.monotonic() + 15
+        while await count_rows(pg, tenant) != (n, n):  # new rows and the replayed spool
+            assert time.monotonic() < deadline, (await count_rows(pg, tenant), n)
+            await asyncio.sleep(0.05)
+        assert tracker.stats.database_available and tracker.stats.spooled_rows == 0
+        print(f"recovered {time.monotonic() - restored:.2f} s after the restore")
+        backlog = await tracker.close()
+        assert backlog.spooled_rows == 0 and backlog.queued == 0
+        assert await count_rows(pg, tenant) == (n, n)
 
 
 async def test_close_deadline_spools_what_postgres_does_not_take(

@@ -31,6 +31,14 @@ _MAINTAIN_SQL = (
 _REFRESH_SQL = "SELECT to_regproc('llm_gateway_refresh_usage_hourly')"
 
 
+def _alive(conn: PoolConn) -> bool:
+    """Open and still ours: a proxy the pool took back after a connection loss is not."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # "connection has been released back to the pool"
+        return False
+
+
 class WriterLink:
     """The pool (owned or borrowed) and the writer's connection on it.
 
@@ -54,56 +62,64 @@ class WriterLink:
     async def connection(self) -> PoolConn:
         """The writer's connection, acquired (and prepared) if there is none or it died."""
         conn = self._conn
-        if conn is not None and not conn.is_closed():
+        if conn is not None and _alive(conn):
             return conn
-        await self.drop()
+        self.discard()
         assert self.pool is not None, "start() creates the pool"
         conn = await self.pool.acquire(timeout=self.connect_timeout)
+        self._conn = conn
         try:
             await w.set_codecs(conn)
         except BaseException:
-            conn.terminate()
-            await self.pool.release(conn)
+            self.discard()
             raise
-        self._conn = conn
         return conn
 
-    async def drop(self) -> None:
-        """Discard the connection after an error: its state is unknown."""
+    def discard(self) -> None:
+        """Forget the connection and close it (its state is unknown). Never raises.
+
+        Terminating the connection gives its slot back to the pool, which opens a new
+        connection at the next acquire. After a connection loss asyncpg has already released
+        the slot and detached our proxy, on which every call raises ``InterfaceError``: that
+        is why nothing here may call the proxy unguarded.
+        """
         conn, self._conn = self._conn, None
-        if conn is not None and self.pool is not None:
-            conn.terminate()
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn, timeout=1.0)
+        if conn is not None:
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
 
     async def release(self) -> None:
         """Give a healthy connection back, undoing what the writer set on it."""
-        conn, self._conn = self._conn, None
-        if conn is None or self.pool is None:
+        conn = self._conn
+        if conn is None or self.pool is None or not _alive(conn):
+            self.discard()  # a closed connection still holds its pool slot until terminated
             return
+        self._conn = None
         try:
-            if not self.owns_pool and not conn.is_closed():
+            if not self.owns_pool:
                 await w.drop_stage(conn)
                 await w.reset_codecs(conn)
             await self.pool.release(conn, timeout=1.0)
         except Exception:
-            conn.terminate()
-            with contextlib.suppress(Exception):
-                await self.pool.release(conn, timeout=1.0)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
 
     async def write(self, rows: list[UsageRecord], *, idempotent: bool) -> int:
-        """One write of ``rows`` (see :mod:`usage.writer`); returns how many were new."""
+        """One write of ``rows`` (see :mod:`usage.writer`); returns how many were new.
+
+        Whatever fails, the link is left so that the next call reconnects if it must.
+        """
         conn = await self.connection()
         try:
             if idempotent:
                 return await w.upsert_rows(conn, rows, timeout=self.write_timeout)
             return await w.copy_rows(conn, rows, timeout=self.write_timeout)
         except asyncio.CancelledError:
-            conn.terminate()  # cancelled mid-statement: the session is unusable
+            self.discard()  # cancelled mid-statement: the session is unusable
             raise
         except Exception as exc:
             if w.classify_error(exc) == "transient":
-                await self.drop()
+                self.discard()
             raise
 
     async def maintain(self, prices: PriceBook) -> None:
