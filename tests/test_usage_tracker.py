@@ -276,7 +276,8 @@ async def test_backlog_reports_queued_spooled_and_written(
     await down.close()
 
     up = tracker_for(pg_dsn, tmp_path)
-    await up.start()
+    await up.start()  # the spool is replayed in the background
+    await eventually(lambda: up.backlog().replayed_rows == 300)
     stats = up.backlog()
     assert (stats.spooled_rows, stats.spooled_files, stats.replayed_rows) == (0, 0, 300)
     assert stats.written_rows == 300 and stats.database_available

@@ -144,17 +144,18 @@ class WriterLink:
         except Exception as exc:
             log.warning("usage maintenance failed: %s", w.describe_error(exc))
 
-    async def refresh_rollup(self, since: datetime, until: datetime) -> None:
+    async def refresh_rollup(self, since: datetime, until: datetime) -> bool:
         """Recompute the hourly rollup over replayed rows' hours, if the schema has one.
 
         Maintenance only recomputes the last few hours; rows replayed from a spool after a long
         outage are older. Errors are logged, never raised: the raw rows are already written.
+        Returns False on an error (the caller keeps the range and retries).
         """
         assert self.pool is not None
         try:
             async with self.pool.acquire(timeout=self.connect_timeout) as conn:
                 if await conn.fetchval(_REFRESH_SQL) is None:
-                    return
+                    return True  # this schema has no rollup
                 await conn.execute(
                     "SELECT llm_gateway_refresh_usage_hourly($1, $2)",
                     since,
@@ -164,4 +165,8 @@ class WriterLink:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("rollup refresh after replay failed: %s", w.describe_error(exc))
+            log.warning(
+                "rollup refresh after replay failed (kept for a retry): %s", w.describe_error(exc)
+            )
+            return False
+        return True

@@ -3,7 +3,10 @@
 Invariants: a row leaves memory (``_queue`` / ``_inflight``) only after PostgreSQL confirmed
 it, it was fsynced to the spool, or PostgreSQL refused it and it was kept in ``rejected/``.
 A batch that may already be in the table (any retry, any replay) is written with the
-idempotent upsert, so nothing is ever stored twice.
+idempotent upsert, so nothing is ever stored twice. The one exception is the hard cap
+(``max_queued``): a row recorded while that many are in memory is dropped -- counted in
+``backlog().dropped_rows`` and logged -- because memory must not grow without bound while
+PostgreSQL hangs and the spool cannot be written.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ log = logging.getLogger("usage")
 
 _BACKOFF_START = 0.05
 _REPLAY_CHECK_INTERVAL = 60.0  # look for files left by other (dead) processes
+# While PostgreSQL is away, rows gather this long before they go to the spool: one fsynced
+# file per second (or per batch_size rows) instead of one per flush_interval.
+_SPOOL_INTERVAL = 1.0
+# Replay spool files for at most this long in one idle pass, so new rows never wait long.
+_REPLAY_SLICE = 0.25
+_MAX_ROLLUP_RANGES = 16  # beyond this, pending rollup ranges merge into one span
 
 
 class UsagePipeline:
@@ -42,6 +51,7 @@ class UsagePipeline:
         batch_size: int,
         flush_interval: float,
         high_water: int,
+        max_queued: int,
         spool_dir: Path,
         grace_period: float,
         maintenance_interval: float,
@@ -54,6 +64,7 @@ class UsagePipeline:
         self._batch_size = batch_size
         self._flush_interval = flush_interval
         self._high_water = high_water
+        self._max_queued = max_queued
         self._spool_dir = spool_dir
         self._grace = grace_period
         self._maintenance_interval = maintenance_interval
@@ -89,6 +100,11 @@ class UsagePipeline:
         self._spool_logged = False  # one warning per outage
         self._spool_broken = False  # the last spool write failed
         self._unremovable: set[Path] = set()  # replayed files we could not delete
+        self._dropped = 0  # rows refused by record() at the hard cap
+        self._drop_episode = 0  # dropped since the last "queue full" log line
+        self._rollup_pending: list[tuple[datetime, datetime]] = []  # hours to recompute
+        self._next_rollup_retry = 0.0
+        self._rollup_backoff = max_backoff
 
     # --- counters ------------------------------------------------------------------------
 
@@ -107,6 +123,9 @@ class UsagePipeline:
             rejected_rows=self._rejected,
             corrupt_lines=self._corrupt,
             failed_batches=self._failed_batches,
+            dropped_rows=self._dropped,
+            foreign_files=spool.foreign_files if spool else 0,
+            rollup_pending=len(self._rollup_pending),
             database_available=self._down_since is None,
             last_error=self._last_error,
             last_error_at=self._last_error_at,
@@ -144,6 +163,12 @@ class UsagePipeline:
         try:
             while True:
                 try:
+                    if self._drop_episode and self._in_memory() <= self._max_queued // 2:
+                        log.warning(
+                            "usage queue below its cap again; %d rows were dropped while full",
+                            self._drop_episode,
+                        )
+                        self._drop_episode = 0
                     if self._down_since is None and time.monotonic() >= self._next_maintenance:
                         self._start_maintenance()
                     if not self._inflight:
@@ -154,9 +179,10 @@ class UsagePipeline:
                             and not (self._flush_waiters and queue)
                         ):
                             await self._replay_when_idle()
-                            await self._wait(self._flush_interval)
+                            await self._wait(self._idle_timeout())
                         if not queue:
                             if self._stop.is_set():
+                                await self._replay_at_close()
                                 return
                             continue
                         if len(queue) > self._high_water and not self._stop.is_set():
@@ -180,6 +206,12 @@ class UsagePipeline:
             if not self._stop.is_set():  # cancelled from outside (loop shutdown): keep rows
                 self._spool_memory_sync("writer cancelled")
             raise
+
+    def _idle_timeout(self) -> float:
+        """How long the writer waits for more rows: longer while rows can only be spooled."""
+        if self._degraded(time.monotonic()):
+            return max(self._flush_interval, _SPOOL_INTERVAL)
+        return self._flush_interval
 
     async def _wait(self, timeout: float) -> None:
         if not self._wake.is_set():
@@ -350,6 +382,7 @@ class UsagePipeline:
                     claimed = await asyncio.to_thread(spool.claim, entry.path)
                 except OSError as exc:  # e.g. unreadable: leave it for an operator
                     log.error("cannot read spool file %s: %s", entry.path.name, exc)
+                    self._unremovable.add(entry.path)
                     continue
                 if claimed is not None:
                     break
@@ -380,7 +413,8 @@ class UsagePipeline:
             log.error("cannot delete replayed spool file %s: %s", claimed.path.name, exc)
         if rows:
             newest = max(r.timestamp for r in rows) + timedelta(microseconds=1)  # end: exclusive
-            await self._link.refresh_rollup(min(r.timestamp for r in rows), newest)
+            self._add_rollup_range(min(r.timestamp for r in rows), newest)
+            await self._refresh_rollup()
         self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)
@@ -397,13 +431,62 @@ class UsagePipeline:
             )
 
     async def _replay_when_idle(self) -> None:
-        """Replay spool files while the queue is short (the spool is durable: no hurry)."""
+        """Replay spool files while the queue is short (the spool is durable: no hurry), for
+        at most a short slice, so live rows keep flowing; retry pending rollup refreshes."""
         now = time.monotonic()
         if self._down_since is None:
             if now >= self._next_replay_check:
                 self._next_replay_check = now + _REPLAY_CHECK_INTERVAL
                 self._replay_due = True  # files left by another process that died
-            if self._replay_due:
-                await self._replay_one()
+            until = now + max(self._flush_interval, _REPLAY_SLICE)
+            while (
+                self._replay_due
+                and len(self._queue) < self._batch_size
+                and not self._stop.is_set()
+                and await self._replay_one()
+                and time.monotonic() < until
+            ):
+                pass
+            if self._rollup_pending and time.monotonic() >= self._next_rollup_retry:
+                await self._refresh_rollup()
         elif self._degraded(now) and now >= self._next_probe and self._replay_due:
             await self._replay_one()  # doubles as the probe when no live rows arrive
+
+    async def _replay_at_close(self) -> None:
+        """At close, with PostgreSQL up, replay the spool -- what this process spooled during
+        an outage, and any older files. close()'s deadline cancels this; a file cut short
+        stays for the next start (replays are idempotent)."""
+        if self._down_since is not None or self._spool is None or self._spool_broken:
+            return
+        while self._down_since is None and await self._replay_one():
+            pass
+        if self._rollup_pending:
+            await self._refresh_rollup()
+
+    # --- rollup --------------------------------------------------------------------------
+
+    def _add_rollup_range(self, since: datetime, until: datetime) -> None:
+        """Remember hours to recompute, merging ranges that overlap or touch."""
+        ranges = sorted([*self._rollup_pending, (since, until)])
+        merged: list[tuple[datetime, datetime]] = [ranges[0]]
+        for lo, hi in ranges[1:]:
+            last_lo, last_hi = merged[-1]
+            if lo <= last_hi + timedelta(hours=1):
+                merged[-1] = (last_lo, max(last_hi, hi))
+            else:
+                merged.append((lo, hi))
+        if len(merged) > _MAX_ROLLUP_RANGES:  # keep memory bounded: one wider refresh
+            merged = [(merged[0][0], max(hi for _, hi in merged))]
+        self._rollup_pending = merged
+
+    async def _refresh_rollup(self) -> None:
+        """Recompute the pending rollup ranges; a failed one stays pending and is retried
+        with backoff (maintenance only looks back a few hours)."""
+        while self._rollup_pending:
+            since, until = self._rollup_pending[0]
+            if not await self._link.refresh_rollup(since, until):
+                self._next_rollup_retry = time.monotonic() + self._rollup_backoff
+                self._rollup_backoff = min(self._rollup_backoff * 2, self._maintenance_interval)
+                return
+            self._rollup_pending.pop(0)
+            self._rollup_backoff = self._max_backoff

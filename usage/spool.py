@@ -16,6 +16,13 @@ its file. Replays are idempotent on the row id, so a crash between commit and de
 A line that does not parse (torn write, disk corruption) is logged, counted, copied to
 ``rejected/`` and skipped; the rest of the file is replayed.
 
+Trust: the folder is created ``0700``. An existing folder must belong to this process's user
+and must not be group- or world-writable, else :class:`SpoolPermissionError` (an ``OSError``)
+is raised: another local user could otherwise plant usage rows. A folder that is only
+readable by others (made by an older version) is tightened to ``0700``. A spool file that is
+not a regular file owned by this user is never read: it is moved to ``rejected/`` as
+``foreign-<name>`` and counted.
+
 All methods block (file I/O and fsync): call them from a worker thread in async code.
 """
 
@@ -27,6 +34,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -43,7 +51,14 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: single-process spool only
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["SPOOL_VERSION", "ClaimedFile", "Spool", "SpoolFile", "default_spool_dir"]
+__all__ = [
+    "SPOOL_VERSION",
+    "ClaimedFile",
+    "Spool",
+    "SpoolFile",
+    "SpoolPermissionError",
+    "default_spool_dir",
+]
 
 log = logging.getLogger("usage")
 
@@ -75,6 +90,34 @@ def default_spool_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "llm-gateway" / "spool"
+
+
+class SpoolPermissionError(PermissionError):
+    """The spool folder is not private to this user: refusing to trust what is in it."""
+
+
+def _private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700, or check that an existing one is ours and not writable
+    by others (tightening one that others can only read)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(directory, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        st = os.stat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise SpoolPermissionError(f"usage spool {directory} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise SpoolPermissionError(
+            f"usage spool {directory} belongs to uid {st.st_uid}, not to this process"
+            f" (uid {os.geteuid()}): refusing to replay rows others could have written"
+        )
+    if st.st_mode & 0o022:
+        raise SpoolPermissionError(
+            f"usage spool {directory} is writable by group or others"
+            f" (mode {stat.S_IMODE(st.st_mode):04o}): run chmod 700 on it"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+        log.info("usage spool %s: tightened to mode 0700", directory)
 
 
 # --- rows <-> lines ------------------------------------------------------------------------
@@ -178,10 +221,12 @@ def decode_row(o: Any) -> UsageRecord:
 
 @dataclass(frozen=True, slots=True)
 class SpoolFile:
-    """A spool file waiting for replay; ``rows`` is the count its name declares."""
+    """A spool file waiting for replay; ``rows`` is the count its name declares, ``pid``
+    the process that wrote it."""
 
     path: Path
     rows: int
+    pid: int = 0
 
 
 @dataclass(slots=True)
@@ -240,10 +285,12 @@ class Spool:
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.rejected_dir = self.directory / "rejected"
-        self.rejected_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.directory)
+        _private_dir(self.rejected_dir)
         self._seq = itertools.count()
         self.pending_files = 0
         self.pending_rows = 0
+        self.foreign_files = 0  # files set aside because they were not ours
 
     def _new_name(self, prefix: str, rows: int) -> str:
         seq = next(self._seq) % 1_000_000
@@ -305,7 +352,7 @@ class Spool:
             for entry in entries:
                 match = _NAME.match(entry.name)
                 if match is not None:
-                    found.append(SpoolFile(Path(entry.path), int(match[4])))
+                    found.append(SpoolFile(Path(entry.path), int(match[4]), int(match[2])))
         found.sort(key=lambda f: f.path.name)
         self.pending_files = len(found)
         self.pending_rows = sum(f.rows for f in found)
@@ -336,11 +383,38 @@ class Spool:
                     removed += 1
         return removed
 
-    def claim(self, path: Path) -> ClaimedFile | None:
-        """Lock ``path`` and parse it; ``None`` if gone or held by another process."""
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Move a file we must not trust to ``rejected/foreign-<name>`` without reading it."""
+        target = self.rejected_dir / f"foreign-{time.time_ns():020d}-{path.name}"
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            os.rename(path, target)
         except FileNotFoundError:
+            return
+        self.foreign_files += 1
+        self.pending_files = max(0, self.pending_files - 1)
+        log.warning("spool file %s %s: set aside as %s, not replayed", path.name, why, target.name)
+
+    def claim(self, path: Path) -> ClaimedFile | None:
+        """Lock ``path`` and parse it; ``None`` if gone, held by another process, or not
+        ours (then it is set aside in ``rejected/``)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if os.path.islink(path):  # O_NOFOLLOW refused a symlink
+                self._set_aside(path, "is a symbolic link")
+                return None
+            raise
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            os.close(fd)
+            regular = stat.S_ISREG(st.st_mode)
+            self._set_aside(path, f"belongs to uid {st.st_uid}" if regular else "is not a file")
             return None
         try:
             if fcntl is not None:

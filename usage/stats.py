@@ -46,7 +46,11 @@ class UsageBacklog:
     ``duplicate_rows``). ``spooled_total`` / ``replayed_rows``: rows this tracker wrote to and
     replayed from the spool. ``rejected_rows``: rows PostgreSQL refused (kept in
     ``<spool>/rejected``). ``corrupt_lines``: spool lines that could not be read.
-    ``failed_batches``: failed write attempts (each retry counts).
+    ``failed_batches``: failed write attempts (each retry counts). ``dropped_rows``: rows
+    ``record()`` refused because ``max_queued`` rows were already in memory (the only rows
+    ever lost; each episode is logged). ``foreign_files``: spool files not owned by this user,
+    set aside unread in ``<spool>/rejected``. ``rollup_pending``: ranges of replayed hours
+    whose rollup refresh failed and is retried.
     """
 
     queued: int
@@ -60,6 +64,9 @@ class UsageBacklog:
     rejected_rows: int
     corrupt_lines: int
     failed_batches: int
+    dropped_rows: int
+    foreign_files: int
+    rollup_pending: int
     database_available: bool
     last_error: str | None
     last_error_at: datetime | None

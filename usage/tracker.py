@@ -77,6 +77,9 @@ class ModelUsageTracker(UsagePipeline):
         batch_size: most rows per write; a queue this long also wakes the writer at once.
         flush_interval: seconds a row waits at most before a write is started.
         high_water: queued rows beyond which batches go to the spool, not to PostgreSQL.
+        max_queued: hard cap on rows in memory (default ``4 * high_water``): while PostgreSQL
+            hangs and the spool cannot be written, rows recorded beyond it are dropped,
+            counted in ``backlog().dropped_rows`` and logged, so memory stays bounded.
         spool_dir: the local spool (default ``$LLM_GATEWAY_SPOOL_DIR`` or
             ``~/.cache/llm-gateway/spool``).
         grace_period: seconds of failed writes after which batches go to the spool.
@@ -98,6 +101,7 @@ class ModelUsageTracker(UsagePipeline):
         batch_size: int = 5000,
         flush_interval: float = 0.2,
         high_water: int = 100_000,
+        max_queued: int | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         grace_period: float = 5.0,
         price_book: PriceBook | None = None,
@@ -111,6 +115,9 @@ class ModelUsageTracker(UsagePipeline):
             raise ValueError("give dsn or pool, not both")
         if batch_size < 1 or high_water < batch_size:
             raise ValueError("need 1 <= batch_size <= high_water")
+        cap = 4 * high_water if max_queued is None else max_queued
+        if cap < high_water:
+            raise ValueError("need high_water <= max_queued")
         self._dsn = dsn if dsn is not None or pool is not None else _env_dsn()
         self._pool_max_size = max(2, pool_max_size)
         self._closed = False
@@ -121,6 +128,7 @@ class ModelUsageTracker(UsagePipeline):
             batch_size=batch_size,
             flush_interval=flush_interval,
             high_water=high_water,
+            max_queued=cap,
             spool_dir=Path(spool_dir) if spool_dir is not None else default_spool_dir(),
             grace_period=grace_period,
             maintenance_interval=maintenance_interval,
@@ -133,8 +141,21 @@ class ModelUsageTracker(UsagePipeline):
     # --- the caller's path -------------------------------------------------------------
 
     def record(self, rec: UsageRecord) -> None:
-        """Queue one row. Synchronous, no I/O, a few µs; never fails for database reasons."""
+        """Queue one row. Synchronous, no I/O, a few µs; never fails for database reasons.
+
+        At the hard cap (``max_queued`` rows in memory) the row is dropped and counted.
+        """
         queue = self._queue
+        if len(queue) + len(self._inflight) >= self._max_queued:
+            self._dropped += 1
+            self._drop_episode += 1
+            if self._drop_episode == 1:  # once per episode: the writer logs its end
+                log.error(
+                    "usage queue full (%d rows in memory, PostgreSQL and the spool are not"
+                    " taking them): dropping usage rows",
+                    self._max_queued,
+                )
+            return
         queue.append(rec)
         if len(queue) >= self._batch_size:
             self._wake.set()
@@ -262,7 +283,10 @@ class ModelUsageTracker(UsagePipeline):
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the pool, replay the spool, run maintenance, start the writer. Idempotent.
+        """Open the pool, run maintenance, start the writer. Idempotent.
+
+        The spool is replayed by the writer in the background, between live batches: start()
+        (and so a process's first request) does not wait for it.
 
         An unreachable database is not an error: rows are then spooled after the grace period
         and replayed once it is back. A spool directory that cannot be created raises
@@ -289,16 +313,13 @@ class ModelUsageTracker(UsagePipeline):
             await self._link.connection()
         except Exception as exc:
             self._note_failure(exc, "PostgreSQL unreachable at start")
-            self._replay_due = self._spool.pending_files > 0
         else:
             try:
                 await self._prices.refresh(await self._link.connection())
             except Exception as exc:  # shipped prices still apply
                 log.warning("could not load model_prices: %s", describe_error(exc))
-            for _ in range(self._spool.pending_files):
-                if not await self._replay_one():
-                    break
             self._start_maintenance()
+        self._replay_due = self._spool.pending_files > 0
         _RUNNING.add(self)
         self._writer = asyncio.get_running_loop().create_task(
             self._run(), name="llm-gateway-usage-writer"
@@ -327,7 +348,11 @@ class ModelUsageTracker(UsagePipeline):
         return True
 
     async def close(self, timeout: float = 10.0) -> UsageBacklog:
-        """Drain to PostgreSQL until ``timeout``, spool the rest, release the pool. Idempotent."""
+        """Drain to PostgreSQL until ``timeout``, spool the rest, release the pool. Idempotent.
+
+        With PostgreSQL up, the spool (what this process spooled during an outage, and older
+        files) is replayed too, within the same deadline; what is left waits for the next start.
+        """
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
             try:
