@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.tcp_proxy import TcpProxy
 from tests.test_usage_tracker import (
@@ -382,3 +384,91 @@ async def test_router_requests_during_an_outage_land_after_restart(
     replayed = run_python(REPLAY_IN_NEW_PROCESS, pg_dsn, str(tmp_path))
     assert replayed["replayed_rows"] == 1000
     assert await count_rows(pg, tenant) == (1000, 1000)
+
+
+async def test_start_does_not_wait_for_the_spool(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """start() (and so a process's first request) returns before the spool is replayed; the
+    writer replays it in the background, between live rows."""
+    tenant = uuid.uuid4()
+    spool = Spool(tmp_path)
+    for f in range(40):
+        spool.write([make_row(tenant, f * 25 + i) for i in range(25)])
+    tracker = tracker_for(pg_dsn, tmp_path)
+    await tracker.start()
+    at_start = tracker.backlog()
+    assert (at_start.replayed_rows, at_start.spooled_files) == (0, 40)
+    tracker.record(make_row(tenant, 5000))  # a live row while the replay goes on
+    await eventually(lambda: tracker.backlog().replayed_rows == 1000, timeout=30)
+    backlog = await tracker.close()
+    assert (backlog.spooled_files, backlog.written_rows) == (0, 1001)
+    assert await count_rows(pg, tenant) == (1001, 1001)
+
+
+async def test_rows_beyond_the_hard_cap_are_dropped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL unreachable and the spool unwritable: memory stops at max_queued rows."""
+    tenant = uuid.uuid4()
+    spool_dir = tmp_path / "spool"
+    tracker = tracker_for(
+        closed_port_dsn(), spool_dir, batch_size=100, high_water=200, max_queued=300
+    )
+    await tracker.start()
+    spool_dir.rename(tmp_path / "away")
+    spool_dir.write_text("a file where the spool folder was: every spool write fails")
+    with caplog.at_level(logging.WARNING, logger="usage"):
+        for i in range(350):
+            tracker.record(make_row(tenant, i))
+        assert tracker.backlog().dropped_rows == 50
+        # The writer tries PostgreSQL and the spool, both fail, nothing leaves memory.
+        await eventually(lambda: tracker.backlog().failed_batches >= 1, timeout=10)
+        await eventually(lambda: "cannot write the usage spool" in caplog.text, timeout=10)
+        for i in range(20):
+            tracker.record(make_row(tenant, 350 + i))
+        backlog = tracker.backlog()
+        assert (backlog.dropped_rows, backlog.queued) == (70, 300)
+    full = [r for r in caplog.records if "usage queue full" in r.getMessage()]
+    assert len(full) == 1 and full[0].levelno == logging.ERROR  # once per episode
+    spool_dir.unlink()
+    (tmp_path / "away").rename(spool_dir)
+    backlog = await tracker.close(timeout=5)
+    assert (backlog.spooled_total, backlog.dropped_rows, backlog.queued) == (300, 70, 0)
+
+
+async def test_a_failed_rollup_refresh_is_kept_and_retried(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """The refresh after a replay hits a lock timeout (a real PostgreSQL failure): the range
+    stays pending and a later retry corrects the rollup."""
+    from datetime import UTC, datetime, timedelta
+
+    tenant = uuid.uuid4()
+    two_days_ago = datetime.now(UTC).replace(minute=10) - timedelta(days=2)
+    Spool(tmp_path).write(
+        [make_row(tenant, i, timestamp=two_days_ago + timedelta(seconds=i)) for i in range(40)]
+    )
+    blocker = await asyncpg.connect(pg_dsn)
+    tx = blocker.transaction()
+    await tx.start()
+    await blocker.execute("LOCK TABLE model_usage_hourly IN ACCESS EXCLUSIVE MODE")
+    # lock_timeout as a server setting of the tracker's connections: the refresh fails fast.
+    tracker = tracker_for(pg_dsn + "?lock_timeout=200", tmp_path)
+    try:
+        await tracker.start()
+        await eventually(
+            lambda: tracker.backlog().replayed_rows == 40 and tracker.backlog().rollup_pending,
+            timeout=10,
+        )
+    finally:
+        await tx.rollback()
+        await blocker.close()
+    await eventually(lambda: tracker.backlog().rollup_pending == 0, timeout=10)
+    await tracker.close()
+    row = await pg.fetchrow(
+        "SELECT sum(requests) AS requests, sum(total_tokens) AS tokens"
+        " FROM model_usage_hourly WHERE tenant_id = $1",
+        tenant,
+    )
+    assert row is not None and (row["requests"], row["tokens"]) == (40, 40 * 30)
