@@ -472,3 +472,75 @@ async def test_a_failed_rollup_refresh_is_kept_and_retried(
         tenant,
     )
     assert row is not None and (row["requests"], row["tokens"]) == (40, 40 * 30)
+
+
+def test_the_spool_folder_is_private(tmp_path: Path) -> None:
+    """Created 0700; an existing folder of another user, or writable by others, is refused."""
+    import os
+    import stat
+
+    from usage.spool import SpoolPermissionError
+
+    spool = Spool(tmp_path / "new")
+    for folder in (spool.directory, spool.rejected_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+    readable = tmp_path / "readable"  # e.g. made 0755 by an older version: tightened
+    readable.mkdir(mode=0o755)
+    readable.chmod(0o755)
+    Spool(readable)
+    assert stat.S_IMODE(readable.stat().st_mode) == 0o700
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(SpoolPermissionError, match="writable by group or others"):
+        Spool(shared)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)  # 'nobody'
+    with pytest.raises(SpoolPermissionError, match="belongs to uid 65534"):
+        Spool(foreign)
+
+
+async def test_a_tracker_refuses_a_spool_folder_of_another_user(tmp_path: Path) -> None:
+    import os
+
+    from usage.spool import SpoolPermissionError
+
+    folder = tmp_path / "spool"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    tracker = tracker_for(closed_port_dsn(), folder)
+    with pytest.raises(SpoolPermissionError):
+        await tracker.start()
+
+
+async def test_spool_files_of_another_user_are_set_aside_not_replayed(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Another local user drops files into the spool: they never become usage rows."""
+    import os
+
+    tenant, intruder = uuid.uuid4(), uuid.uuid4()
+    spool = Spool(tmp_path)
+    spool.write([make_row(tenant, i) for i in range(10)])
+    planted = spool.write([make_row(intruder, i) for i in range(10)])
+    os.chown(planted, 65534, 65534)
+    # A symlink to a file elsewhere (here: another folder's spool file).
+    target = Spool(tmp_path.parent / f"{tmp_path.name}-elsewhere").write([make_row(intruder)])
+    link = spool.write([make_row(intruder, 98)])
+    link.unlink()
+    link.symlink_to(target)
+
+    tracker = tracker_for(pg_dsn, tmp_path)
+    await tracker.start()
+    await eventually(lambda: tracker.backlog().replayed_rows == 10)
+    backlog = await tracker.close()
+    assert (backlog.replayed_rows, backlog.foreign_files, backlog.spooled_files) == (10, 2, 0)
+    assert await count_rows(pg, tenant) == (10, 10)
+    assert await count_rows(pg, intruder) == (0, 0)
+    aside = sorted(p.name for p in (tmp_path / "rejected").glob("foreign-*"))
+    assert len(aside) == 2 and any(planted.name in name for name in aside)
+    assert spool_files(tmp_path) == []
