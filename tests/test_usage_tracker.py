@@ -378,6 +378,41 @@ async def test_rate_limit_status(pg_dsn: str, pg: asyncpg.Connection, tmp_path: 
     await tracker.close()
 
 
+async def test_rate_limits_are_found_under_any_spelling_of_the_provider(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Limits written under "Groq" apply to "groq" and to "Groq (Llama 3.3 70B)": the
+    provider name is normalised once, as the router does, on both sides."""
+    limits = {"requests_per_minute": 4, "tokens_per_minute": 1_000, "requests_per_day": 50}
+    tenant = await make_tenant(pg, inference_config={"rate_limits": {"Groq": limits}})
+    tracker = tracker_for(pg_dsn, tmp_path)
+    await tracker.start()
+    for _ in range(2):
+        await tracker.track_request(
+            tenant_id=tenant,
+            provider="groq",
+            model_name="llama-3.3-70b-versatile",
+            endpoint="/api/chat",
+            latency_ms=5,
+            input_tokens=10,
+            output_tokens=10,
+        )
+    assert await tracker.flush(timeout=5)
+    for name in ("groq", "Groq", "Groq (Llama 3.3 70B)"):
+        status = await tracker.check_rate_limit_status(tenant, name)
+        assert status.provider == "groq" and status.limits_source == "tenant", name
+        assert status.limits == RateLimits(4, 1_000, 50), name
+        assert (status.requests_last_minute, status.usage_percent) == (2, 50), name
+
+    twice = await make_tenant(
+        pg, inference_config={"rate_limits": {"groq": limits, "GROQ": limits}}
+    )
+    with pytest.raises(InvalidTenantConfigError) as err:
+        await tracker.check_rate_limit_status(twice, "groq")
+    assert err.value.field.startswith("inference_config.rate_limits.")
+    await tracker.close()
+
+
 async def test_process_wide_tracker_is_made_once(
     pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

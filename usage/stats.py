@@ -243,7 +243,7 @@ SELECT count(*) FILTER (WHERE "timestamp" >= now() - interval '1 minute') AS req
            ::bigint AS tok_min,
        count(*) AS req_day,
        coalesce(sum(total_tokens), 0)::bigint AS tok_day,
-       (SELECT (inference_config -> 'rate_limits' -> $2)::text FROM tenants WHERE id = $1)
+       (SELECT (inference_config -> 'rate_limits')::text FROM tenants WHERE id = $1)
            AS limits,
        now() AS checked_at
 FROM model_usage_stats
@@ -253,18 +253,51 @@ WHERE tenant_id = $1 AND provider = $2 AND "timestamp" >= now() - interval '1 da
 _LIMIT_KEYS: Final = ("requests_per_minute", "tokens_per_minute", "requests_per_day")
 
 
+def _provider_id(name: str) -> str:
+    """The provider id the router uses (``'Groq (Llama 3.3 70B)'`` -> ``'groq'``), through the
+    one normalisation in :func:`llm_gateway.config.normalize_provider`; a name it does not
+    know is kept as given (the ledger accepts any provider)."""
+    # Imported here: llm_gateway imports this package, so importing it at module level would
+    # make ``import usage`` circular.
+    from llm_gateway.config import normalize_provider
+    from llm_gateway.errors import UnknownProviderError
+
+    try:
+        return normalize_provider(name)
+    except UnknownProviderError:
+        return name
+
+
+def _entry_for(tenant_id: uuid.UUID, provider: str, raw: str | None) -> tuple[str, object] | None:
+    """The tenant's ``rate_limits`` entry for ``provider`` (an id), under whatever spelling
+    of the name it was written: ``(key, value)``, or ``None``."""
+    from llm_gateway.errors import InvalidTenantConfigError
+
+    if raw is None or raw == "null":
+        return None
+    entries = json.loads(raw)
+    if not isinstance(entries, dict):
+        raise InvalidTenantConfigError(tenant_id, "inference_config.rate_limits", "not an object")
+    found = [(k, v) for k, v in entries.items() if _provider_id(k) == provider]
+    if len(found) > 1:
+        keys = ", ".join(repr(k) for k, _ in found)
+        raise InvalidTenantConfigError(
+            tenant_id, f"inference_config.rate_limits.{found[1][0]}", f"{keys} name one provider"
+        )
+    return found[0] if found else None
+
+
 def _parse_limits(
     tenant_id: uuid.UUID, provider: str, raw: str | None
 ) -> tuple[RateLimits, Literal["tenant", "default", "mixed"]]:
-    # Imported here: llm_gateway imports this package, so importing it at module level would
-    # make ``import usage`` circular.
     from llm_gateway.errors import InvalidTenantConfigError
 
     default = DEFAULT_RATE_LIMITS.get(provider, RateLimits())
-    if raw is None or raw == "null":
+    entry = _entry_for(tenant_id, provider, raw)
+    if entry is None or entry[1] is None:
         return default, "default"
-    where = f"inference_config.rate_limits.{provider}"
-    conf = json.loads(raw)
+    key, conf = entry
+    where = f"inference_config.rate_limits.{key}"
     if not isinstance(conf, dict):
         raise InvalidTenantConfigError(tenant_id, where, "must be an object")
     values: dict[str, int | None] = {}
@@ -294,10 +327,15 @@ async def check_rate_limit_status(
 ) -> RateLimitStatus:
     """Requests and tokens in the last minute and day against the tenant's limits.
 
+    ``provider`` may be any spelling the router accepts (``"Groq"``, ``"groq"``, ...); it is
+    normalised as the router does, and so are the keys of the tenant's ``rate_limits``.
+
     Raises :class:`~llm_gateway.errors.InvalidTenantConfigError` naming the field when the
-    tenant's ``rate_limits`` entry is malformed. A tenant without a row gets the defaults.
+    tenant's ``rate_limits`` entry is malformed, or two keys name one provider. A tenant
+    without a row gets the defaults.
     """
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id)
+    provider = _provider_id(provider)
     async with pool.acquire() as conn:
         row: Any = await conn.fetchrow(_RATE_SQL, tid, provider)
     limits, source = _parse_limits(tid, provider, row["limits"])
