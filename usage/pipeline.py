@@ -414,7 +414,8 @@ class UsagePipeline:
         if rows:
             newest = max(r.timestamp for r in rows) + timedelta(microseconds=1)  # end: exclusive
             self._add_rollup_range(min(r.timestamp for r in rows), newest)
-            await self._refresh_rollup()
+            if time.monotonic() >= self._next_rollup_retry:  # else: after a failure, wait
+                await self._refresh_rollup()
         self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)

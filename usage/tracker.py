@@ -374,7 +374,11 @@ class ModelUsageTracker(UsagePipeline):
         if writer is not None and not writer.done():
             await asyncio.wait({writer}, timeout=max(0.0, deadline - time.monotonic()))
             if not writer.done():
-                log.warning("close(): deadline reached, spooling %d rows", self._in_memory())
+                log.warning(
+                    "close(): deadline reached, spooling %d rows; unreplayed spool files wait"
+                    " for the next start",
+                    self._in_memory(),
+                )
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
