@@ -26,6 +26,7 @@ from . import writer as w
 from .connection import WriterLink
 from .pricing import PriceBook
 from .record import UsageRecord
+from .rollup import PendingRollup
 from .spool import Spool
 from .stats import UsageBacklog
 
@@ -38,7 +39,6 @@ _REPLAY_CHECK_INTERVAL = 60.0  # look for files left by other (dead) processes
 _SPOOL_INTERVAL = 1.0
 # Replay spool files for at most this long in one idle pass, so new rows never wait long.
 _REPLAY_SLICE = 0.25
-_MAX_ROLLUP_RANGES = 16  # beyond this, pending rollup ranges merge into one span
 
 
 class UsagePipeline:
@@ -102,9 +102,7 @@ class UsagePipeline:
         self._unremovable: set[Path] = set()  # replayed files we could not delete
         self._dropped = 0  # rows refused by record() at the hard cap
         self._drop_episode = 0  # dropped since the last "queue full" log line
-        self._rollup_pending: list[tuple[datetime, datetime]] = []  # hours to recompute
-        self._next_rollup_retry = 0.0
-        self._rollup_backoff = max_backoff
+        self._rollup = PendingRollup(first_backoff=max_backoff, max_backoff=maintenance_interval)
 
     # --- counters ------------------------------------------------------------------------
 
@@ -125,7 +123,7 @@ class UsagePipeline:
             failed_batches=self._failed_batches,
             dropped_rows=self._dropped,
             foreign_files=spool.foreign_files if spool else 0,
-            rollup_pending=len(self._rollup_pending),
+            rollup_pending=len(self._rollup),
             database_available=self._down_since is None,
             last_error=self._last_error,
             last_error_at=self._last_error_at,
@@ -413,9 +411,9 @@ class UsagePipeline:
             log.error("cannot delete replayed spool file %s: %s", claimed.path.name, exc)
         if rows:
             newest = max(r.timestamp for r in rows) + timedelta(microseconds=1)  # end: exclusive
-            self._add_rollup_range(min(r.timestamp for r in rows), newest)
-            if time.monotonic() >= self._next_rollup_retry:  # else: after a failure, wait
-                await self._refresh_rollup()
+            self._rollup.add(min(r.timestamp for r in rows), newest)
+            if self._rollup.due():  # after a failure, only once its backoff has passed
+                await self._rollup.refresh(self._link)
         self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)
@@ -448,8 +446,8 @@ class UsagePipeline:
                 and time.monotonic() < until
             ):
                 pass
-            if self._rollup_pending and time.monotonic() >= self._next_rollup_retry:
-                await self._refresh_rollup()
+            if self._rollup.due():
+                await self._rollup.refresh(self._link)
         elif self._degraded(now) and now >= self._next_probe and self._replay_due:
             await self._replay_one()  # doubles as the probe when no live rows arrive
 
@@ -461,33 +459,5 @@ class UsagePipeline:
             return
         while self._down_since is None and await self._replay_one():
             pass
-        if self._rollup_pending:
-            await self._refresh_rollup()
-
-    # --- rollup --------------------------------------------------------------------------
-
-    def _add_rollup_range(self, since: datetime, until: datetime) -> None:
-        """Remember hours to recompute, merging ranges that overlap or touch."""
-        ranges = sorted([*self._rollup_pending, (since, until)])
-        merged: list[tuple[datetime, datetime]] = [ranges[0]]
-        for lo, hi in ranges[1:]:
-            last_lo, last_hi = merged[-1]
-            if lo <= last_hi + timedelta(hours=1):
-                merged[-1] = (last_lo, max(last_hi, hi))
-            else:
-                merged.append((lo, hi))
-        if len(merged) > _MAX_ROLLUP_RANGES:  # keep memory bounded: one wider refresh
-            merged = [(merged[0][0], max(hi for _, hi in merged))]
-        self._rollup_pending = merged
-
-    async def _refresh_rollup(self) -> None:
-        """Recompute the pending rollup ranges; a failed one stays pending and is retried
-        with backoff (maintenance only looks back a few hours)."""
-        while self._rollup_pending:
-            since, until = self._rollup_pending[0]
-            if not await self._link.refresh_rollup(since, until):
-                self._next_rollup_retry = time.monotonic() + self._rollup_backoff
-                self._rollup_backoff = min(self._rollup_backoff * 2, self._maintenance_interval)
-                return
-            self._rollup_pending.pop(0)
-            self._rollup_backoff = self._max_backoff
+        if self._rollup.ranges:
+            await self._rollup.refresh(self._link)
