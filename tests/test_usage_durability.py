@@ -544,3 +544,23 @@ async def test_spool_files_of_another_user_are_set_aside_not_replayed(
     aside = sorted(p.name for p in (tmp_path / "rejected").glob("foreign-*"))
     assert len(aside) == 2 and any(planted.name in name for name in aside)
     assert spool_files(tmp_path) == []
+
+
+async def test_close_replays_what_the_process_spooled(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """PostgreSQL comes back just before shutdown: close() replays the outage's spool."""
+    tenant = uuid.uuid4()
+    async with TcpProxy(pg_dsn) as proxy:
+        tracker = tracker_for(proxy.dsn, tmp_path, max_backoff=30)  # no probe before close
+        await tracker.start()
+        await proxy.cut()
+        for i in range(100):
+            tracker.record(make_row(tenant, i))
+        assert await tracker.flush(timeout=5)
+        assert tracker.backlog().spooled_rows == 100
+        proxy.restore()
+        backlog = await tracker.close(timeout=10)
+    assert (backlog.spooled_rows, backlog.replayed_rows) == (0, 100)
+    assert await count_rows(pg, tenant) == (100, 100)
+    assert spool_files(tmp_path) == []

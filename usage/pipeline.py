@@ -455,9 +455,10 @@ class UsagePipeline:
         """At close, with PostgreSQL up, replay the spool -- what this process spooled during
         an outage, and any older files. close()'s deadline cancels this; a file cut short
         stays for the next start (replays are idempotent)."""
-        if self._down_since is not None or self._spool is None or self._spool_broken:
+        if self._spool is None or self._spool.pending_files == 0:
             return
-        while self._down_since is None and await self._replay_one():
+        # While the writer believes PostgreSQL is away, the first replay is a probe.
+        while await self._replay_one():
             pass
         if self._rollup.ranges:
             await self._rollup.refresh(self._link)
