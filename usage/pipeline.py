@@ -206,9 +206,11 @@ class UsagePipeline:
             raise
 
     def _idle_timeout(self) -> float:
-        """How long the writer waits for more rows: longer while rows can only be spooled."""
-        if self._degraded(time.monotonic()):
-            return max(self._flush_interval, _SPOOL_INTERVAL)
+        """How long the writer waits for more rows: longer while rows can only be spooled,
+        but no later than the next probe of PostgreSQL."""
+        now = time.monotonic()
+        if self._degraded(now):
+            return max(self._flush_interval, min(_SPOOL_INTERVAL, self._next_probe - now))
         return self._flush_interval
 
     async def _wait(self, timeout: float) -> None:
@@ -411,9 +413,8 @@ class UsagePipeline:
             log.error("cannot delete replayed spool file %s: %s", claimed.path.name, exc)
         if rows:
             newest = max(r.timestamp for r in rows) + timedelta(microseconds=1)  # end: exclusive
+            # Recomputed once per replay pass (see _replay_when_idle), not once per file.
             self._rollup.add(min(r.timestamp for r in rows), newest)
-            if self._rollup.due():  # after a failure, only once its backoff has passed
-                await self._rollup.refresh(self._link)
         self._corrupt += len(claimed.bad_lines) + claimed.missing_rows
         self._replayed += len(claimed.rows)
         log.info("replayed %d usage rows from %s", len(claimed.rows), claimed.path.name)
