@@ -99,10 +99,11 @@ class UsagePipeline:
         self._replay_due = False
         self._spool_logged = False  # one warning per outage
         self._spool_broken = False  # the last spool write failed
-        self._unremovable: set[Path] = set()  # replayed files we could not delete
+        self._unremovable: set[Path] = set()  # unreadable/undeletable: skipped by this process
         self._dropped = 0  # rows refused by record() at the hard cap
         self._drop_episode = 0  # dropped since the last "queue full" log line
         self._rollup = PendingRollup(first_backoff=max_backoff, max_backoff=maintenance_interval)
+        self._rollup_task: asyncio.Task[None] | None = None
 
     # --- counters ------------------------------------------------------------------------
 
@@ -447,10 +448,17 @@ class UsagePipeline:
                 and time.monotonic() < until
             ):
                 pass
-            if self._rollup.due():
-                await self._rollup.refresh(self._link)
+            self._start_rollup_refresh()
         elif self._degraded(now) and now >= self._next_probe and self._replay_due:
             await self._replay_one()  # doubles as the probe when no live rows arrive
+
+    def _start_rollup_refresh(self) -> None:
+        """Recompute pending rollup hours in their own task: a refresh waiting on a lock must
+        not hold up the writer."""
+        if self._rollup.due() and (self._rollup_task is None or self._rollup_task.done()):
+            self._rollup_task = asyncio.get_running_loop().create_task(
+                self._rollup.refresh(self._link), name="llm-gateway-usage-rollup"
+            )
 
     async def _replay_at_close(self) -> None:
         """At close, with PostgreSQL up, replay the spool -- what this process spooled during
@@ -461,5 +469,8 @@ class UsagePipeline:
         # While the writer believes PostgreSQL is away, the first replay is a probe.
         while await self._replay_one():
             pass
+        task = self._rollup_task
+        if task is not None and not task.done():
+            await asyncio.wait({task})
         if self._rollup.ranges:
             await self._rollup.refresh(self._link)

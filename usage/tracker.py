@@ -382,6 +382,15 @@ class ModelUsageTracker(UsagePipeline):
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writer
+        if self._rollup_task is not None:
+            self._rollup_task.cancel()
+        for since, until in self._rollup.ranges:  # this process can no longer retry them
+            log.warning(
+                "hourly rollup not refreshed for replayed rows from %s to %s: run"
+                " SELECT llm_gateway_refresh_usage_hourly(from, to) for that range",
+                since.isoformat(),
+                until.isoformat(),
+            )
         if self._queue:
             self._inflight += self._queue
             self._queue.clear()
