@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from typing import Any, Literal
 
 import orjson
@@ -315,6 +316,28 @@ class Provider:
         await self._client.close()
 
 
+class RefusingCookieJar(CookieJar):
+    """A cookie jar that never stores a cookie, so never sends one.
+
+    A provider's HTTP client is shared by every tenant: a ``Set-Cookie`` on one tenant's
+    response (Cloudflare sets them in front of real providers) would otherwise ride along on
+    the next tenant's request. Storing is refused twice over: the methods that store are
+    no-ops, and the policy allows no domain (in case a future httpx calls something else).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(DefaultCookiePolicy(allowed_domains=[]))
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+    def set_cookie_if_ok(self, cookie: Cookie, request: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
 def build_provider(settings: ProviderSettings, sdk_class: Any, http: Any, path: str) -> Provider:
     """One SDK client with its own pooled HTTP client (``http`` is the httpx module it uses;
     ``path`` is the chat-completions path under the base URL).
@@ -328,6 +351,7 @@ def build_provider(settings: ProviderSettings, sdk_class: Any, http: Any, path: 
             max_keepalive_connections=settings.max_keepalive,
         ),
         timeout=http.Timeout(60.0, connect=settings.connect_timeout),
+        cookies=RefusingCookieJar(),
     )
     client = sdk_class(
         api_key=NO_KEY, base_url=settings.base_url, max_retries=0, http_client=http_client
