@@ -108,7 +108,7 @@ class RequestLedger:
             self.tracker.record(row)
             cost = row.estimated_cost_usd
         else:
-            price = self.prices.lookup(entry.provider, served)
+            price = self.prices.lookup(entry.provider, served, requested=entry.model)
             cost = (
                 None
                 if price is None

@@ -63,6 +63,10 @@ class HealthRegistry:
     ``error_rate_threshold`` after ``min_requests`` attempts; at once for a 401/403, for
     ``auth_cooldown``. It stays open ``cooldown`` seconds, then lets one probe through; the
     probe's success closes it, its failure opens it again.
+
+    A 429 skips its key for the response's ``Retry-After`` (``default_retry_after`` when it
+    has none), at most ``max_retry_after`` seconds (default 300): a provider (or a proxy) that
+    answers ``Retry-After: 1e9`` must not disable a key until the process restarts.
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class HealthRegistry:
         cooldown: float = 30.0,
         auth_cooldown: float = 300.0,
         default_retry_after: float = 1.0,
+        max_retry_after: float = 300.0,
         error_rate_threshold: float = 0.5,
         min_requests: int = 20,
         alpha: float = 0.2,
@@ -81,6 +86,7 @@ class HealthRegistry:
         self.cooldown = cooldown
         self.auth_cooldown = auth_cooldown
         self.default_retry_after = default_retry_after
+        self.max_retry_after = max_retry_after
         self.error_rate_threshold = error_rate_threshold
         self.min_requests = min_requests
         self.alpha = alpha
@@ -154,7 +160,11 @@ class HealthRegistry:
         state.last_error = type(error).__name__
         state.probe_in_flight = False
         if isinstance(error, RateLimitError):
-            wait = error.retry_after if error.retry_after is not None else self.default_retry_after
+            wait = error.retry_after
+            if wait is None or wait != wait:  # none given, or NaN
+                wait = self.default_retry_after
+            # The wait comes from the provider: never negative, never longer than the cap.
+            wait = min(max(wait, 0.0), self.max_retry_after)
             state.skip_until = max(state.skip_until, now + wait)
             state.ratelimit_remaining_requests = 0
             return

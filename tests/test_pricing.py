@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
 
-from usage import PRICE_TABLE_VERSION, Price, PriceBook, calculate_cost
+from usage import PRICE_TABLE_VERSION, ModelUsageTracker, Price, PriceBook, calculate_cost
 from usage.pricing import lookup_price
 
 
@@ -120,3 +121,86 @@ async def test_model_prices_rejects_negative_prices(pg: asyncpg.Connection) -> N
             "INSERT INTO model_prices (provider, model, input_per_m, output_per_m,"
             " effective_from) VALUES ('groq', 'x-neg', -1, 0, '2024-01-01')"
         )
+
+
+# --- served names that are not in the table: dated snapshots, aliases -----------------------
+
+
+def test_a_dated_served_name_gets_its_base_models_price_by_prefix() -> None:
+    book = PriceBook()
+    price = book.lookup("openai", "gpt-4o-mini-2024-07-18")
+    assert price is not None
+    assert (price.input_per_m, price.output_per_m) == (Decimal("0.15"), Decimal("0.60"))
+    assert (price.model, price.match) == ("gpt-4o-mini", "prefix")  # longest prefix, not gpt-4o
+    gpt4o = book.lookup("openai", "GPT-4o-2024-08-06")
+    assert gpt4o is not None and (gpt4o.model, gpt4o.match) == ("gpt-4o", "prefix")
+    # Only at a '-' boundary: "gpt-4o-miniature" is not gpt-4o-mini, but is gpt-4o.
+    odd = book.lookup("openai", "gpt-4o-miniature")
+    assert odd is not None and odd.model == "gpt-4o"
+    assert book.lookup("openai", "gpt-4") is None
+    assert book.lookup("openai", "gpt") is None
+
+
+def test_an_unknown_served_name_falls_back_to_the_requested_model() -> None:
+    book = PriceBook()
+    price = book.lookup("openrouter", "deepseek-r1-served-alias", requested="deepseek/deepseek-r1")
+    assert price is not None and price.input_per_m == Decimal("0.55")
+    assert (price.model, price.match) == ("deepseek/deepseek-r1", "requested")
+    # The requested model comes before a prefix of the served name.
+    both = book.lookup("openai", "gpt-4o-2024-08-06", requested="gpt-4o-mini")
+    assert both is not None and (both.model, both.match) == ("gpt-4o-mini", "requested")
+    # An exact served name wins over everything.
+    exact = book.lookup("openai", "gpt-4o", requested="gpt-4o-mini")
+    assert exact is not None and (exact.model, exact.match) == ("gpt-4o", "exact")
+    assert book.lookup("openai", "no-such", requested="nor-this") is None
+
+
+def test_the_row_says_which_price_it_was_charged() -> None:
+    tracker = ModelUsageTracker("postgresql://unused@127.0.0.1:1/x")
+    common: dict[str, Any] = {
+        "tenant_id": uuid.uuid4(),
+        "provider": "openai",
+        "endpoint": "chat",
+        "latency_ms": 1.0,
+        "input_tokens": 10**6,
+        "output_tokens": 0,
+    }
+    dated = tracker.make_record(
+        model_name="gpt-4o-mini-2024-07-18", requested_model="gpt-4o-mini", **common
+    )
+    assert dated.estimated_cost_usd == Decimal("0.150000") and dated.price_known
+    assert dated.metadata == {"price_model": "gpt-4o-mini", "price_match": "requested"}
+    prefix = tracker.make_record(model_name="gpt-4o-2024-08-06", **common)
+    assert prefix.estimated_cost_usd == Decimal("2.500000")
+    assert prefix.metadata == {"price_model": "gpt-4o", "price_match": "prefix"}
+    exact = tracker.make_record(model_name="gpt-4o", metadata={"a": 1}, **common)
+    assert exact.metadata == {"a": 1}  # exact matches are not annotated
+    unknown = tracker.make_record(model_name="mystery", requested_model="enigma", **common)
+    assert unknown.estimated_cost_usd is None and not unknown.price_known
+    assert unknown.metadata is None
+
+
+async def test_router_rows_price_openais_dated_served_names(
+    pg_dsn: str, pg: asyncpg.Connection
+) -> None:
+    import json
+
+    from llm_gateway import TenantLLMRouter, provider_settings
+    from llm_gateway.simulator import SimulatedProvider
+    from tests.conftest import make_tenant
+
+    tenant = await make_tenant(
+        pg, llm_tokens={"openai": "sk-t"}, inference_config={"preferred_provider": "openai"}
+    )
+    # OpenAI answers a request for gpt-4o-mini with its dated snapshot name.
+    async with SimulatedProvider(name="openai", model="gpt-4o-mini-2024-07-18") as sim:
+        providers = {"openai": provider_settings("openai", sim.base_url)}
+        async with TenantLLMRouter(pg_dsn, providers=providers) as router:
+            result = await router.complete_for_tenant(tenant, [{"role": "user", "content": "hi"}])
+    assert result.model == "gpt-4o-mini-2024-07-18" and result.requested_model == "gpt-4o-mini"
+    assert result.cost is not None and result.cost > 0
+    [row] = await pg.fetch("SELECT * FROM model_usage_stats WHERE tenant_id = $1", tenant)
+    assert row["estimated_cost_usd"] == result.cost and row["price_known"]
+    assert row["input_price_per_m"] == Decimal("0.15")
+    metadata = json.loads(row["metadata"])
+    assert (metadata["price_model"], metadata["price_match"]) == ("gpt-4o-mini", "requested")

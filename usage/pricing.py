@@ -10,15 +10,22 @@ Token conventions (as OpenAI-compatible APIs report them): ``input_tokens`` *inc
 ``cached_input_tokens`` and ``output_tokens`` *includes* ``reasoning_tokens``. Cached input is
 billed at ``cached_input_per_m`` where the model has one, reasoning output at
 ``reasoning_per_m`` where it has one; otherwise they are billed like the tokens they are part of.
+
+Providers often answer with a name the table does not list (OpenAI serves ``gpt-4o-mini`` as
+``gpt-4o-mini-2024-07-18``). :meth:`PriceBook.lookup` then falls back, in order, to the
+requested model, to the longest table name that the served name extends at a ``-``
+boundary, and to the provider's wildcard price; the :class:`Price` it returns says which
+(``model``, ``match``), and the usage row records it in ``metadata`` (``price_model``,
+``price_match``) whenever it was not an exact match.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 __all__ = [
     "PRICE_TABLE_VERSION",
@@ -26,6 +33,7 @@ __all__ = [
     "WILDCARD_MODEL",
     "Price",
     "PriceBook",
+    "PriceMatch",
     "calculate_cost",
     "default_price_book",
     "lookup_price",
@@ -38,6 +46,11 @@ PRICE_TABLE_VERSION: Final = "2025.01"
 
 #: A model name that prices every model of a provider (used for ``local``).
 WILDCARD_MODEL: Final = "*"
+
+#: How a price was found for a served model name: the name itself, the requested model, the
+#: longest table name it extends at a "-" (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``), or
+#: the provider's wildcard.
+PriceMatch = Literal["exact", "requested", "prefix", "wildcard"]
 
 _MILLION: Final = Decimal(1_000_000)
 _SIX_PLACES: Final = Decimal("0.000001")
@@ -53,6 +66,10 @@ class Price:
     reasoning_per_m: Decimal | None = None
     effective_from: date = date.min
     source: str = f"shipped:{PRICE_TABLE_VERSION}"
+    model: str = ""
+    """The table's model name this price is listed under (set by :class:`PriceBook`)."""
+    match: PriceMatch = "exact"
+    """How :meth:`PriceBook.lookup` reached it from the name it was asked for."""
 
     def cost(
         self,
@@ -139,6 +156,7 @@ class PriceBook:
     ) -> None:
         self._shipped = SHIPPED_PRICES if shipped is None else shipped
         self._table: _Table = {}
+        self._fallbacks: dict[PriceMatch, _Table] = {}
         self._load(overrides or [])
 
     def _load(self, overrides: list[tuple[str, str, Price]]) -> None:
@@ -148,10 +166,21 @@ class PriceBook:
                 merged.setdefault(_key(provider, model), []).append(price)
         for provider, model, price in overrides:
             merged.setdefault(_key(provider, model), []).append(price)
-        self._table = {
-            key: tuple(sorted(prices, key=lambda p: p.effective_from, reverse=True))
+        table: _Table = {
+            key: tuple(
+                replace(p, model=key[1], match="exact")
+                for p in sorted(prices, key=lambda p: p.effective_from, reverse=True)
+            )
             for key, prices in merged.items()
         }
+        # The same prices marked with each fallback, made once so a lookup never allocates.
+        fallbacks: dict[PriceMatch, _Table] = {
+            match: {
+                key: tuple(replace(p, match=match) for p in prices) for key, prices in table.items()
+            }
+            for match in ("requested", "prefix", "wildcard")
+        }
+        self._table, self._fallbacks = table, fallbacks  # one swap: no half-refreshed view
 
     @property
     def override_count(self) -> int:
@@ -190,13 +219,21 @@ class PriceBook:
         )
         return len(rows)
 
-    def lookup(self, provider: str, model: str, on: date | None = None) -> Price | None:
-        """The price charged for a row of ``on`` (default: today, UTC); ``None`` if unknown."""
+    def lookup(
+        self, provider: str, model: str, on: date | None = None, requested: str | None = None
+    ) -> Price | None:
+        """The price charged for a row of ``on`` (default: today, UTC); ``None`` if unknown.
+
+        ``model`` is the served name; when the table does not list it, the price of
+        ``requested``, else of the longest listed name ``model`` extends at a ``-``
+        (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``), else the provider's wildcard.
+        The result's ``model`` and ``match`` say which.
+        """
         table = self._table
         prices = table.get((provider, model))
         if prices is None:
             key = _key(provider, model)
-            prices = table.get(key) or table.get((key[0], WILDCARD_MODEL))
+            prices = table.get(key) or self._fallback(key, requested)
             if prices is None:
                 return None
         if on is None:
@@ -205,6 +242,22 @@ class PriceBook:
             if price.effective_from <= on:
                 return price
         return None
+
+    def _fallback(self, key: tuple[str, str], requested: str | None) -> tuple[Price, ...] | None:
+        provider, model = key
+        fallbacks = self._fallbacks
+        if requested is not None:
+            prices = fallbacks["requested"].get(_key(provider, requested))
+            if prices is not None:
+                return prices
+        prefixed = fallbacks["prefix"]
+        cut = model.rfind("-")
+        while cut > 0:
+            prices = prefixed.get((provider, model[:cut]))
+            if prices is not None:
+                return prices
+            cut = model.rfind("-", 0, cut)
+        return fallbacks["wildcard"].get((provider, WILDCARD_MODEL))
 
     def calculate_cost(
         self,
@@ -239,9 +292,11 @@ def default_price_book() -> PriceBook:
     return _DEFAULT_BOOK
 
 
-def lookup_price(provider: str, model: str, on: date | None = None) -> Price | None:
+def lookup_price(
+    provider: str, model: str, on: date | None = None, requested: str | None = None
+) -> Price | None:
     """The price the default book charges for ``provider``/``model``; ``None`` if unknown."""
-    return _DEFAULT_BOOK.lookup(provider, model, on)
+    return _DEFAULT_BOOK.lookup(provider, model, on, requested)
 
 
 def calculate_cost(

@@ -190,8 +190,13 @@ class ModelUsageTracker(UsagePipeline):
         """Build a row with a new id and its cost from the price book (no I/O)."""
         ts = timestamp if timestamp is not None else datetime.now(UTC)
         day = ts.date() if ts.tzinfo is UTC or ts.tzinfo is None else ts.astimezone(UTC).date()
-        price = self._prices.lookup(provider, model_name, day)
+        price = self._prices.lookup(provider, model_name, day, requested_model)
         meta = dict(metadata) if metadata else None
+        if price is not None and price.match != "exact":
+            # Say which table entry priced a served name the table does not list.
+            meta = meta or {}
+            meta["price_model"] = price.model
+            meta["price_match"] = price.match
         if cached_input_tokens is not None or reasoning_tokens is not None:
             meta = meta or {}
             if cached_input_tokens is not None:

@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from http.cookiejar import Cookie, CookieJar, DefaultCookiePolicy
 from typing import Any, Literal
 
 import orjson
@@ -169,48 +170,102 @@ class ProviderResponse:
     raw: dict[str, Any]
 
 
+# Larger counts are nonsense, and their sum could overflow the bigint columns of the row.
+_MAX_TOKENS = 2**40
+_NO_USAGE: Mapping[str, Any] = {}
+
+
+def token_count(value: object) -> int | None:
+    """A reported token count, or ``None`` when it is missing or not a count.
+
+    Providers and proxies sometimes send ``12.0`` or ``"12"``: integral floats and ASCII
+    digit strings are coerced. Anything else (negative, bool, ``12.5``, ``"1e3"``, a list,
+    above 2**40) is treated as *not reported*, never as a failed attempt: the answer itself
+    is fine, only its count is unknown (the row gets NULL tokens and NULL cost).
+    """
+    if type(value) is int:  # the usual case; excludes bool
+        return value if 0 <= value <= _MAX_TOKENS else None
+    if type(value) is float:
+        return int(value) if value.is_integer() and 0 <= value <= _MAX_TOKENS else None
+    if type(value) is str and 0 < len(value) <= 13 and value.isascii() and value.isdigit():
+        count = int(value)
+        return count if count <= _MAX_TOKENS else None
+    return None
+
+
 def token_detail(usage: Mapping[str, Any], group: str, name: str) -> int | None:
     """A count from ``usage[group][name]`` (cached / reasoning tokens), if reported."""
     details = usage.get(group)
-    value = details.get(name) if isinstance(details, Mapping) else None
-    return value if isinstance(value, int) else None
+    return token_count(details.get(name)) if isinstance(details, dict) else None
+
+
+def _malformed(reason: str, provider: str, model: str) -> MalformedResponseError:
+    return MalformedResponseError(reason, provider=provider, model=model)
+
+
+def tool_call_list(value: object) -> list[dict[str, Any]] | None:
+    """``tool_calls`` as a list of objects, ``None`` when absent/empty; raises ``ValueError``
+    for any other shape (the callers turn it into :class:`MalformedResponseError`)."""
+    if not value:
+        return None
+    if type(value) is not list or not all(type(call) is dict for call in value):
+        raise ValueError("tool_calls is not a list of objects")
+    return value
 
 
 def parse_completion(
     provider: str, requested_model: str, body: bytes, headers: Any
 ) -> ProviderResponse:
-    """Turn a 2xx body into a :class:`ProviderResponse`, or raise MalformedResponseError."""
+    """Turn a 2xx body into a :class:`ProviderResponse`, or raise MalformedResponseError.
+
+    Total over every JSON value: the fields that carry the answer (``choices[0].message``,
+    its ``content`` and ``tool_calls``) must have their documented types or the attempt is
+    malformed; wrong types in the others (``model``, ``finish_reason``, ``usage`` and its
+    counts) are treated as not reported (see :func:`token_count`).
+    """
     if not body:
-        raise MalformedResponseError(
-            "empty response body", provider=provider, model=requested_model
-        )
+        raise _malformed("empty response body", provider, requested_model)
     try:
         data = _loads(body)
     except ValueError:
-        raise MalformedResponseError(
-            f"response body is not JSON ({body[:40]!r})", provider=provider, model=requested_model
+        raise _malformed(
+            f"response body is not JSON ({body[:40]!r})", provider, requested_model
         ) from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        error = data.get("error") if isinstance(data, dict) else None
-        reason = f"in-band error: {error}" if error else "no choices in response"
-        raise MalformedResponseError(reason, provider=provider, model=requested_model)
+    if type(data) is not dict:
+        raise _malformed("response body is not a JSON object", provider, requested_model)
+    choices = data.get("choices")
+    if not choices or type(choices) is not list or type(choices[0]) is not dict:
+        error = data.get("error")
+        if error:
+            reason = f"in-band error: {str(error)[:200]}"
+        else:
+            reason = "choices of the wrong shape" if choices else "no choices in response"
+        raise _malformed(reason, provider, requested_model)
     choice = choices[0]
-    message = choice.get("message") or {}
+    message = choice.get("message")
+    if type(message) is not dict:
+        raise _malformed("choice has no message object", provider, requested_model)
     content = message.get("content")
-    tool_calls = message.get("tool_calls") or None
+    if content is not None and type(content) is not str:
+        raise _malformed("message content is not a string", provider, requested_model)
+    try:
+        tool_calls = tool_call_list(message.get("tool_calls"))
+    except ValueError as exc:
+        raise _malformed(str(exc), provider, requested_model) from None
     if content is None and tool_calls is None:
-        raise MalformedResponseError(
-            "choice has neither content nor tool calls", provider=provider, model=requested_model
-        )
-    usage = data.get("usage") or {}
+        raise _malformed("choice has neither content nor tool calls", provider, requested_model)
+    usage = data.get("usage")
+    if type(usage) is not dict:
+        usage = _NO_USAGE
+    model = data.get("model")
+    finish = choice.get("finish_reason")
     return ProviderResponse(
         content=content or "",
-        model=data.get("model") or requested_model,
-        finish_reason=choice.get("finish_reason"),
+        model=model if model and type(model) is str else requested_model,
+        finish_reason=finish if type(finish) is str else None,
         tool_calls=tool_calls,
-        input_tokens=usage.get("prompt_tokens"),
-        output_tokens=usage.get("completion_tokens"),
+        input_tokens=token_count(usage.get("prompt_tokens")),
+        output_tokens=token_count(usage.get("completion_tokens")),
         cached_tokens=token_detail(usage, "prompt_tokens_details", "cached_tokens"),
         reasoning_tokens=token_detail(usage, "completion_tokens_details", "reasoning_tokens"),
         headers=headers,
@@ -315,6 +370,28 @@ class Provider:
         await self._client.close()
 
 
+class RefusingCookieJar(CookieJar):
+    """A cookie jar that never stores a cookie, so never sends one.
+
+    A provider's HTTP client is shared by every tenant: a ``Set-Cookie`` on one tenant's
+    response (Cloudflare sets them in front of real providers) would otherwise ride along on
+    the next tenant's request. Storing is refused twice over: the methods that store are
+    no-ops, and the policy allows no domain (in case a future httpx calls something else).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(DefaultCookiePolicy(allowed_domains=[]))
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+    def set_cookie_if_ok(self, cookie: Cookie, request: Any) -> None:
+        return None
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
 def build_provider(settings: ProviderSettings, sdk_class: Any, http: Any, path: str) -> Provider:
     """One SDK client with its own pooled HTTP client (``http`` is the httpx module it uses;
     ``path`` is the chat-completions path under the base URL).
@@ -328,6 +405,7 @@ def build_provider(settings: ProviderSettings, sdk_class: Any, http: Any, path: 
             max_keepalive_connections=settings.max_keepalive,
         ),
         timeout=http.Timeout(60.0, connect=settings.connect_timeout),
+        cookies=RefusingCookieJar(),
     )
     client = sdk_class(
         api_key=NO_KEY, base_url=settings.base_url, max_retries=0, http_client=http_client

@@ -6,7 +6,10 @@ classes carry the same attributes; they are matched by those, not by module.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import email.utils
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -42,28 +45,44 @@ _TRY_AGAIN = re.compile(r"try again in (?:(\d+)m(?!s))?(?:([\d.]+)(ms|s))?", re.
 _MAX_MESSAGE = 500
 
 
+def _seconds(value: str, scale: float = 1.0) -> float | None:
+    """A finite, non-negative number of seconds, or ``None`` for anything else ("nan", "inf")."""
+    try:
+        seconds = float(value) / scale
+    except ValueError:
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
 def parse_retry_after(headers: Mapping[str, str] | None, message: str = "") -> float | None:
-    """Seconds to wait before using the same key again, from headers or the error message."""
+    """Seconds to wait before using the same key again, from headers or the error message.
+
+    Never NaN, infinite or negative (a value in the past is 0). Not capped here: how long a
+    key may be skipped is :class:`~llm_gateway.health.HealthRegistry`'s ``max_retry_after``.
+    """
     if headers:
         ms = headers.get("retry-after-ms")
-        if ms:
-            try:
-                return max(0.0, float(ms) / 1000)
-            except ValueError:
-                pass
+        if ms and (seconds := _seconds(ms, 1000.0)) is not None:
+            return seconds
         value = headers.get("retry-after")
         if value:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                parsed = email.utils.parsedate_to_datetime(value) if "," in value else None
-                if parsed is not None:
-                    return max(0.0, parsed.timestamp() - time.time())
+            seconds = _seconds(value)
+            if seconds is not None:
+                return seconds
+            parsed = None
+            if "," in value:
+                with contextlib.suppress(ValueError, TypeError, OverflowError):
+                    parsed = email.utils.parsedate_to_datetime(value)
+            if parsed is not None:
+                if parsed.tzinfo is None:  # "-0000": HTTP dates are GMT
+                    parsed = parsed.replace(tzinfo=datetime.UTC)
+                return max(0.0, parsed.timestamp() - time.time())
     match = _TRY_AGAIN.search(message)
     if match and (match[1] or match[2]):
         minutes = float(match[1] or 0)
         amount = float(match[2] or 0)
-        return minutes * 60 + (amount / 1000 if match[3] == "ms" else amount)
+        seconds = minutes * 60 + (amount / 1000 if match[3] == "ms" else amount)
+        return seconds if math.isfinite(seconds) else None
     return None
 
 

@@ -14,7 +14,9 @@ from ..errors import (
     RateLimitError,
     ServerError,
 )
-from .base import _loads, token_detail
+from .base import _loads, token_count, token_detail, tool_call_list
+
+_NO_DELTA: Mapping[str, Any] = {}
 
 
 def in_band_error(error: object, provider: str, model: str) -> ProviderError:
@@ -24,7 +26,7 @@ def in_band_error(error: object, provider: str, model: str) -> ProviderError:
     if isinstance(error, Mapping):
         message = str(error.get("message") or message)
         code = error.get("code") or error.get("status")
-    status = code if isinstance(code, int) else None
+    status = code if type(code) is int else None  # not a bool
     if status == 429:
         return RateLimitError(message, provider=provider, model=model)
     if status in (401, 403):
@@ -131,15 +133,27 @@ class StreamProgress:
         self.reasoning_tokens: int | None = None
 
     def apply(self, event: Mapping[str, Any], provider: str) -> StreamChunk | None:
-        """Fold one event in; the chunk to give the caller, if it carries anything."""
+        """Fold one event in; the chunk to give the caller, if it carries anything.
+
+        Total over every JSON object: a ``choices[0]``, ``delta``, ``content`` or
+        ``tool_calls`` of the wrong type raises :class:`MalformedResponseError`; wrong types
+        in ``model``, ``finish_reason`` and usage counts are treated as not reported.
+        """
         model = event.get("model")
-        if model:
+        if model and type(model) is str:
             self.model = model
-        usage = event.get("usage") or (event.get("x_groq") or {}).get("usage")
-        if usage:
-            # An explicit 0 stays 0; a missing count stays unknown.
-            self.input_tokens = usage.get("prompt_tokens", self.input_tokens)
-            self.output_tokens = usage.get("completion_tokens", self.output_tokens)
+        usage = event.get("usage")
+        if not usage:
+            x_groq = event.get("x_groq")
+            usage = x_groq.get("usage") if type(x_groq) is dict else None
+        if usage and type(usage) is dict:
+            # An explicit 0 stays 0; a missing (or unreadable) count keeps what we had.
+            count = token_count(usage.get("prompt_tokens"))
+            if count is not None:
+                self.input_tokens = count
+            count = token_count(usage.get("completion_tokens"))
+            if count is not None:
+                self.output_tokens = count
             self.cached_tokens = token_detail(usage, "prompt_tokens_details", "cached_tokens")
             self.reasoning_tokens = token_detail(
                 usage, "completion_tokens_details", "reasoning_tokens"
@@ -147,13 +161,27 @@ class StreamProgress:
         choices = event.get("choices")
         if not choices:
             return None
-        choice = choices[0]
+        if type(choices) is not list or type(choice := choices[0]) is not dict:
+            raise self._malformed("stream chunk choices of the wrong shape", provider)
         finish = choice.get("finish_reason")
-        if finish == "error":
+        if type(finish) is not str:
+            finish = None
+        elif finish == "error":
             raise ServerError("stream finished with an error", provider=provider, model=self.model)
-        delta = choice.get("delta") or {}
-        text = delta.get("content") or ""
-        tools = delta.get("tool_calls") or None
+        delta = choice.get("delta")
+        if delta is None:
+            delta = _NO_DELTA
+        elif type(delta) is not dict:
+            raise self._malformed("stream chunk delta is not an object", provider)
+        text = delta.get("content")
+        if text is None:
+            text = ""
+        elif type(text) is not str:
+            raise self._malformed("stream chunk content is not a string", provider)
+        try:
+            tools = tool_call_list(delta.get("tool_calls"))
+        except ValueError as exc:
+            raise self._malformed(f"stream chunk {exc}", provider) from None
         if finish:
             self.finish_reason = finish
         if not text and tools is None and not finish:
@@ -164,6 +192,9 @@ class StreamProgress:
             self.tools.extend(tools)
         self.chunks += 1
         return StreamChunk(text, provider, self.model, finish, tools)
+
+    def _malformed(self, reason: str, provider: str) -> MalformedResponseError:
+        return MalformedResponseError(reason, provider=provider, model=self.model)
 
     @property
     def has_content(self) -> bool:

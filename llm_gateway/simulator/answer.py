@@ -212,6 +212,8 @@ class Answer:
             return [SSE_DONE], False
         if kind == "stall_before_first":
             return [], True
+        if kind == "raw":
+            return [*(sse(e) for e in beh.events or ()), SSE_DONE], False
         deltas = self._deltas(pieces)
         if kind == "empty_choices":
             return [self._bare_chunk(choices=[]), SSE_DONE], False

@@ -90,7 +90,7 @@ STREAM_ONLY_BEHAVIOURS: Final = frozenset(
 """Behaviours that only make sense for ``"stream": true``; other requests get ``"ok"``."""
 
 BEHAVIOURS: Final = frozenset(
-    {"ok", "drop", "hang", "malformed", "empty", "html", "empty_choices"}
+    {"ok", "drop", "hang", "malformed", "empty", "html", "empty_choices", "raw"}
     | set(STATUS_BEHAVIOURS)
     | STREAM_ONLY_BEHAVIOURS
 )
@@ -138,7 +138,11 @@ class Behaviour:
     reasoning_tokens: int | None = None
     """Reported ``usage.completion_tokens_details.reasoning_tokens``."""
     headers: Mapping[str, str] | None = None
-    """Extra response headers."""
+    """Extra response headers (e.g. ``{"set-cookie": "__cf_bm=x"}``)."""
+    body: Any = None
+    """For "raw": the 200 body of a non-streamed answer (bytes as is, else encoded as JSON)."""
+    events: tuple[Any, ...] | None = None
+    """For "raw" streams: each item is sent as one SSE ``data:`` event, then ``[DONE]``."""
 
     def __post_init__(self) -> None:
         if self.kind not in BEHAVIOURS:

@@ -356,6 +356,10 @@ class SimulatedProvider:
         if kind == "html":
             await send(writer, 200, HTML_BODY, keep, "text/html; charset=utf-8", extra)
             return keep
+        if kind == "raw" and not rec.stream:
+            raw = beh.body if isinstance(beh.body, bytes) else dumps(beh.body)
+            await send(writer, 200, raw, keep, extra=extra)
+            return keep
 
         answer = Answer.for_request(
             body,
