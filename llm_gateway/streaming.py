@@ -173,6 +173,10 @@ class CompletionStream:
         except asyncio.CancelledError:
             await self._end("cancelled", None)
             raise
+        except Exception as bug:
+            # A defect of ours: the row and the probe first, then let it surface.
+            await self._end("error", None, f"unexpected {type(bug).__name__}")
+            raise
         if progress.finish_reason is None:
             await self._fail(
                 MalformedResponseError(
@@ -196,15 +200,19 @@ class CompletionStream:
             cause=type(error).__name__,
         ) from None
 
-    async def _end(self, outcome: str, error: ProviderError | None) -> None:
-        """Write the attempt's usage row and release the connection (once)."""
+    async def _end(
+        self, outcome: str, error: ProviderError | None, message: str | None = None
+    ) -> None:
+        """Write the attempt's usage row, then release the connection (once)."""
         if self._done:
             return
-        self._account(outcome, error)
+        self._account(outcome, error, message)
         if self._stream is not None:
             await self._stream.aclose()
 
-    def _account(self, outcome: str, error: ProviderError | None) -> None:
+    def _account(
+        self, outcome: str, error: ProviderError | None, message: str | None = None
+    ) -> None:
         """Health, usage row and result of the attempt that reached the caller. No I/O."""
         self._done = True
         if self._on_done is not None:
@@ -243,6 +251,7 @@ class CompletionStream:
             cached_tokens=progress.cached_tokens,
             reasoning_tokens=progress.reasoning_tokens,
             error=error or cancelled,
+            message=message,
             extra=extra,
         )
         if outcome == "success":
