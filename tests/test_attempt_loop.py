@@ -23,6 +23,7 @@ from llm_gateway import (
     DatabaseError,
     GatewayError,
     InvalidRequestError,
+    MidStreamError,
     TenantLLMRouter,
     provider_settings,
 )
@@ -224,16 +225,23 @@ async def test_stream_opened_late_keeps_its_chunk_timeout(  # type: ignore[no-un
 ) -> None:
     a, b = pair
     t = await prefer_groq(pg)
-    # Events 2.5 s apart: the first content comes after about 3 s of a 4.5 s deadline (1.5 s
-    # left at opening), the next ones longer than that, far shorter than chunk_timeout.
-    a.script(Behaviour("ok", chunks=2, latency_ms=500, chunk_delay_ms=2500))
-    async with (
-        TenantLLMRouter(pg_dsn, providers=settings(a, b), chunk_timeout=15.0) as router,
-        await router.stream_for_tenant(t, MSG, timeout=4.5) as stream,
-    ):
-        text = "".join([c.content async for c in stream])
-    assert text == "[a] hello"
-    assert [r["status"] for r in await rows(pg, t)] == ["success"]
+    # groq fails after 4 s of a 5.5 s deadline, so llm7's stream opens with ~1.5 s left; it
+    # sends its first content at once, then stalls.
+    a.script(Behaviour("503", latency_ms=4000))
+    b.fail_with = "stall_after_first"
+    async with TenantLLMRouter(pg_dsn, providers=settings(a, b), chunk_timeout=6.0) as router:
+        stream = await router.stream_for_tenant(t, MSG, timeout=5.5)
+        async with stream:
+            first = await anext(stream)
+            got_first = time.monotonic()
+            with pytest.raises(MidStreamError) as info:
+                async for _ in stream:
+                    pass
+            waited = time.monotonic() - got_first
+    assert first.content and info.value.cause == "ProviderTimeoutError"
+    # The stall is given chunk_timeout (6 s), not the ~1.5 s the deadline had left at opening.
+    assert waited >= 4.0
+    assert [r["status"] for r in await rows(pg, t)] == ["error", "timeout"]
 
 
 # --- item 13: a second cancellation while opening does not lose the row ---------------------
