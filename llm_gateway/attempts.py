@@ -1,21 +1,39 @@
-"""Turns each attempt of a request into one usage row and one :class:`Attempt`."""
+"""The one attempt loop, shared by completions and streams, and the ledger of its attempts.
+
+:func:`run_attempts` walks a request's chain: it checks each key's breaker right before the
+attempt, bounds the attempt by the deadline, turns every ending into health and one usage row
+(success is the caller's part), fails over, and waits once for a key that only waits out a
+429. What one attempt *does* is an :class:`AttemptKind`: :class:`CompletionCall` here, the
+stream's opening in :mod:`.streaming`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
-from .errors import AllProvidersFailedError, DeadlineExceededError, ProviderError
-from .types import Attempt, TaskType
+from .errors import (
+    AllProvidersFailedError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoProviderAvailableError,
+    ProviderError,
+    ProviderTimeoutError,
+)
+from .health import HealthRegistry, KeyHealth
+from .providers import Provider, ProviderResponse
+from .types import Attempt, CompletionResult, TaskType
 
-__all__ = ["RequestLedger"]
+__all__ = ["AttemptKind", "CompletionCall", "RequestLedger", "run_attempts"]
 
 log = logging.getLogger("llm_gateway")
 
@@ -55,7 +73,8 @@ class RequestLedger:
         self.endpoint = endpoint
         self.user_id = user_id
         self.task_type = task_type
-        self.metadata = metadata
+        # Copied once: the rows are serialised later, after the caller may have changed it.
+        self.metadata = dict(metadata) if metadata else None
         self.request_id = new_usage_id()
         self.attempts: list[Attempt] = []
 
@@ -71,19 +90,26 @@ class RequestLedger:
         cached_tokens: int | None = None,
         reasoning_tokens: int | None = None,
         error: ProviderError | BaseException | None = None,
+        message: str | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> tuple[Attempt, Decimal | None]:
-        """Queue the usage row of one finished attempt; returns it as an Attempt and its cost."""
+        """Queue the usage row of one finished attempt; returns it as an Attempt and its cost.
+
+        The row's ``metadata`` holds the SDK's fields (``task_type``, ``key_fp``, ``stream``,
+        ...) at the top level and the caller's ``metadata`` under ``"caller"``, so a caller's
+        key never overwrites the SDK's.
+        """
         served = model or entry.model
         usage_id = new_usage_id()
-        message = None if error is None else (str(error) or type(error).__name__)
+        if message is None and error is not None:
+            message = str(error) or type(error).__name__
         cost: Decimal | None
         if self.tracker is not None:
             meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
             if extra:
                 meta.update(extra)
             if self.metadata:
-                meta.update(self.metadata)
+                meta["caller"] = self.metadata
             # The tracker prices the row; the caller's result carries the same cost.
             row = self.tracker.make_record(
                 tenant_id=self.tenant_id,
@@ -150,14 +176,235 @@ class RequestLedger:
         latency: float,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """Record a failed attempt; re-raise it when another provider would fail the same way."""
+        """Record a failed attempt (the caller raises it if it is final)."""
         self.record(entry, error.status, latency, error=error, extra=extra)
-        if not error.retryable:
-            error.attempts = tuple(self.attempts)
-            raise error
+
+    def final(self, error: ProviderError) -> ProviderError:
+        """``error`` carrying every attempt, to be raised: another provider would fail alike."""
+        error.attempts = tuple(self.attempts)
+        return error
 
     def gave_up(self, deadline_passed: bool, budget: float) -> AllProvidersFailedError:
         """The error ending a request whose every attempt failed."""
         if deadline_passed:
             return DeadlineExceededError(self.tenant_id, self.attempts, budget)
         return AllProvidersFailedError(self.tenant_id, self.attempts)
+
+
+V = TypeVar("V")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class AttemptKind(Protocol[V, R_co]):
+    """What one attempt does; :func:`run_attempts` owns everything around it.
+
+    ``cap`` bounds one attempt (``None``: only the request's deadline); ``what`` names what
+    the attempt waits for, in timeout messages.
+    """
+
+    @property
+    def cap(self) -> float | None: ...
+
+    @property
+    def what(self) -> str: ...
+
+    def begin(self, entry: ChainEntry) -> None:
+        """Reset per-attempt state before trying ``entry``."""
+
+    async def run(self, entry: ChainEntry, timeout: float) -> V:
+        """The attempt; provider failures come out as :class:`ProviderError`."""
+
+    def row(self, cancelled: bool) -> Mapping[str, Any]:
+        """Extra ``RequestLedger.record`` arguments for an attempt that did not succeed."""
+
+    async def release(self) -> None:
+        """Free what a failed attempt holds (a stream's connection); after its row."""
+
+    def succeed(self, entry: ChainEntry, state: KeyHealth, value: V, started: float) -> R_co:
+        """Account a successful attempt (health, row) and make the request's result."""
+
+
+async def run_attempts(
+    kind: AttemptKind[V, R],
+    chain: Sequence[ChainEntry],
+    *,
+    ledger: RequestLedger,
+    health: HealthRegistry,
+    deadline: float,
+    budget: float,
+    replan: Callable[[], Awaitable[list[ChainEntry]]],
+) -> R:
+    """Try ``chain`` in order until an attempt succeeds; THE attempt loop of the router.
+
+    Each entry's key is checked right before its attempt (another request may have opened
+    its breaker or taken its half-open probe since the chain was planned); a skipped entry is
+    not an attempt and writes no row. Only failures that came from a provider count against a
+    key. When the last attempt was a 429, the chain is planned once more (``replan`` may wait
+    out a Retry-After that fits the deadline).
+
+    Raises:
+        ProviderError: a final (non-retryable) failure, with ``.attempts``.
+        InvalidRequestError: the request could not be sent (no row, no health change).
+        AllProvidersFailedError, DeadlineExceededError: every attempt failed.
+        NoProviderAvailableError: every entry was skipped, none was attempted.
+    """
+    deadline_hit = False
+    retried = False
+    skipped: dict[str, str] | None = None
+    while True:
+        for entry in chain:
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                break
+            state = health.get(entry.provider, entry.fingerprint)
+            reason = health.blocked(state, now)
+            if reason is not None:
+                if skipped is None:
+                    skipped = {}
+                skipped[entry.provider] = reason
+                continue
+            health.on_attempt(state)
+            cap = remaining if kind.cap is None else min(remaining, kind.cap)
+            kind.begin(entry)
+            t0 = time.monotonic()
+            error: ProviderError
+            try:
+                async with asyncio.timeout(cap):
+                    value = await kind.run(entry, cap)
+            except ProviderError as exc:
+                error = exc
+            except TimeoutError:
+                error = ProviderTimeoutError(
+                    f"no {kind.what} within {cap:.3g}s", provider=entry.provider, model=entry.model
+                )
+                deadline_hit = cap >= remaining
+            except InvalidRequestError:
+                # Never sent: says nothing about the key, but frees a half-open probe.
+                health.on_cancel(state)
+                await kind.release()
+                raise
+            except asyncio.CancelledError as cancelled:
+                # The row first: a second cancellation during release() must not lose it.
+                health.on_cancel(state)
+                ledger.record(
+                    entry, "cancelled", time.monotonic() - t0, error=cancelled, **kind.row(True)
+                )
+                await kind.release()
+                raise
+            except Exception as bug:
+                # A defect of ours, not the provider's: row and probe, then let it surface.
+                health.on_cancel(state)
+                ledger.record(
+                    entry,
+                    "error",
+                    time.monotonic() - t0,
+                    error=bug,
+                    message=f"unexpected {type(bug).__name__}",
+                    **kind.row(True),
+                )
+                await kind.release()
+                raise
+            else:
+                return kind.succeed(entry, state, value, t0)
+            health.on_failure(state, error)
+            ledger.failed(entry, error, time.monotonic() - t0, **kind.row(False))
+            await kind.release()
+            if not error.retryable:
+                raise ledger.final(error)
+        # The last key answered 429: if a key frees up within the deadline, wait once.
+        last = ledger.attempts[-1] if ledger.attempts else None
+        if retried or last is None or last.outcome != "rate_limit":
+            break
+        retried = True
+        try:
+            chain = await replan()
+        except NoProviderAvailableError:
+            break
+    if not ledger.attempts and skipped:
+        raise NoProviderAvailableError(ledger.tenant_id, skipped)
+    raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, budget)
+
+
+class CompletionCall:
+    """A non-streamed attempt: one request, one response."""
+
+    __slots__ = ("cap", "health", "ledger", "messages", "params", "providers", "started")
+
+    what = "answer"
+
+    def __init__(
+        self,
+        providers: Mapping[str, Provider],
+        messages: Sequence[Mapping[str, Any]],
+        params: Mapping[str, Any],
+        *,
+        ledger: RequestLedger,
+        health: HealthRegistry,
+        started: float,
+        cap: float | None,
+    ) -> None:
+        self.providers = providers
+        self.messages = messages
+        self.params = params
+        self.ledger = ledger
+        self.health = health
+        self.started = started
+        self.cap = cap
+
+    def begin(self, entry: ChainEntry) -> None:
+        pass
+
+    async def run(self, entry: ChainEntry, timeout: float) -> ProviderResponse:
+        return await self.providers[entry.provider].complete(
+            key=entry.key,
+            model=entry.model,
+            messages=self.messages,
+            params=self.params,
+            timeout=timeout,
+        )
+
+    def row(self, cancelled: bool) -> Mapping[str, Any]:
+        return _NO_FIELDS
+
+    async def release(self) -> None:
+        pass
+
+    def succeed(
+        self, entry: ChainEntry, state: KeyHealth, response: ProviderResponse, started: float
+    ) -> CompletionResult:
+        latency = time.monotonic() - started
+        self.health.on_success(state, latency, response.headers)
+        extra = {"finish_reason": response.finish_reason} if response.finish_reason else None
+        ledger = self.ledger
+        _, cost = ledger.record(
+            entry,
+            "success",
+            latency,
+            model=response.model,
+            input_tokens=response.input_tokens,
+            output_tokens=response.output_tokens,
+            cached_tokens=response.cached_tokens,
+            reasoning_tokens=response.reasoning_tokens,
+            extra=extra,
+        )
+        return CompletionResult(
+            content=response.content,
+            provider=entry.provider,
+            model=response.model,
+            tokens_input=response.input_tokens,
+            tokens_output=response.output_tokens,
+            cost=cost,
+            latency=time.monotonic() - self.started,
+            finish_reason=response.finish_reason,
+            tool_calls=response.tool_calls,
+            attempts=tuple(ledger.attempts),
+            request_id=ledger.request_id,
+            requested_model=entry.model,
+            key_source=entry.key_source,
+            raw=response.raw,
+        )
+
+
+_NO_FIELDS: Mapping[str, Any] = {}

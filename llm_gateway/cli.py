@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 
@@ -41,10 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "db":
-            from .migrate import apply_migrations
-            from .router import DEFAULT_DSN
+            from usage.tracker import resolve_dsn
 
-            dsn = args.dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+            from .migrate import apply_migrations
+
+            dsn = resolve_dsn(args.dsn)
             applied = asyncio.run(apply_migrations(dsn))
             print(f"applied migrations: {applied}" if applied else "schema is up to date")
             return 0

@@ -36,12 +36,15 @@ async def get_tenant_router() -> TenantLLMRouter:
     return _router
 
 
-async def close_tenant_router() -> None:
-    """Close the process-wide router, draining its usage rows; a later call makes a new one."""
+async def close_tenant_router(timeout: float = 30.0) -> None:
+    """Close the process-wide router, draining its usage rows; a later call makes a new one.
+
+    Requests in flight get ``timeout`` seconds to end (see :meth:`TenantLLMRouter.close`).
+    """
     global _router
     router, _router = _router, None
     if router is not None:
-        await router.close()
+        await router.close(timeout)
 
 
 async def complete_for_tenant(

@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from usage.tracker import resolve_dsn
+
 from .errors import DatabaseError
 from .migrate import apply_migrations
 from .providers import provider_settings
@@ -66,7 +68,7 @@ def _embedded_dsn() -> str:
 
 async def find_database(dsn: str | None) -> str:
     """The DSN to use: ``dsn``, ``DATABASE_URL``, the local default, else an embedded server."""
-    chosen = dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+    chosen = resolve_dsn(dsn)
     if await _reachable(chosen):
         return chosen
     if dsn or os.environ.get("DATABASE_URL"):

@@ -20,6 +20,7 @@ __all__ = [
     "DatabaseError",
     "DeadlineExceededError",
     "GatewayError",
+    "InvalidRequestError",
     "InvalidTenantConfigError",
     "MalformedResponseError",
     "MidStreamError",
@@ -28,6 +29,7 @@ __all__ = [
     "ProviderError",
     "ProviderTimeoutError",
     "RateLimitError",
+    "RouterClosedError",
     "ServerError",
     "TenantNotFoundError",
     "UnknownProviderError",
@@ -81,6 +83,22 @@ class DatabaseError(GatewayError):
 
 class ConfigUnavailableError(DatabaseError):
     """A tenant's configuration could not be loaded because the database failed."""
+
+
+class InvalidRequestError(GatewayError, ValueError):
+    """The caller's request cannot be sent: a reserved or unserialisable parameter.
+
+    Raised before any provider is called; it writes no usage row and touches no breaker.
+    ``parameter`` names the offending argument when one is known.
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None) -> None:
+        self.parameter = parameter
+        super().__init__(message)
+
+
+class RouterClosedError(GatewayError):
+    """The router is closing or closed: it accepts no new request."""
 
 
 class NoProviderAvailableError(GatewayError):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -14,8 +17,9 @@ import asyncpg
 
 from usage import ModelUsageTracker
 from usage.pricing import PriceBook, default_price_book
+from usage.tracker import DEFAULT_DSN, resolve_dsn
 
-from .attempts import RequestLedger
+from .attempts import CompletionCall, RequestLedger, run_attempts
 from .chain import (
     ChainEntry,
     TenantRoute,
@@ -27,10 +31,9 @@ from .chain import (
 from .config import TenantConfig
 from .errors import (
     DatabaseError,
-    GatewayError,
+    InvalidRequestError,
     NoProviderAvailableError,
-    ProviderError,
-    ProviderTimeoutError,
+    RouterClosedError,
 )
 from .health import HealthRegistry
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
@@ -40,7 +43,17 @@ from .types import CompletionResult, TaskType
 
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
 
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+log = logging.getLogger("llm_gateway")
+
+# Parameters the router sets itself (model, stream) or that would change the call
+# rather than the request (the SDKs' extra_*): refused up front, never sent.
+_RESERVED: dict[str, str] = {
+    "model": "the model is chosen by routing (preferred_models)",
+    "stream": "use stream_for_tenant() to stream",
+    "extra_headers": "the router sets the request's headers",
+    "extra_query": "the router builds the request's URL",
+    "extra_body": "pass body fields as keyword arguments",
+}
 
 
 class TenantLLMRouter:
@@ -52,7 +65,8 @@ class TenantLLMRouter:
     rows are written.
 
     Args:
-        dsn: PostgreSQL DSN; default ``DATABASE_URL`` or :data:`DEFAULT_DSN`.
+        dsn: PostgreSQL DSN; default ``DATABASE_URL`` or :data:`DEFAULT_DSN`
+            (:func:`usage.tracker.resolve_dsn`).
         pool: an existing asyncpg pool for config reads (the router does not close it).
         cache_ttl: seconds a tenant's config is cached.
         unknown_tenant: ``"error"`` raises :class:`TenantNotFoundError` for a tenant id without
@@ -61,12 +75,15 @@ class TenantLLMRouter:
             served with its last known config (0: fail with ConfigUnavailableError).
         providers: provider settings by name; default :func:`settings_from_env`.
         usage_tracker: where usage rows go; default a tracker of its own on ``dsn``.
+        spool_dir: the spool of the router's own usage tracker (default
+            ``$LLM_GATEWAY_SPOOL_DIR`` or ``~/.cache/llm-gateway/spool``).
         record_usage: ``False`` records nothing (tests of routing only).
         timeout: default total deadline of a request in seconds, every attempt included
             (for streams: until the first content chunk).
         attempt_timeout: cap of one non-streamed attempt (default: only the deadline).
         ttft_timeout: cap of one streamed attempt until its first content chunk.
         chunk_timeout: longest wait between two chunks of a stream.
+        connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
     """
 
     def __init__(
@@ -80,16 +97,20 @@ class TenantLLMRouter:
         stale_if_error: float = 3600.0,
         providers: Mapping[str, ProviderSettings] | None = None,
         usage_tracker: ModelUsageTracker | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
         record_usage: bool = True,
         timeout: float = 60.0,
         attempt_timeout: float | None = None,
         ttft_timeout: float = 15.0,
         chunk_timeout: float = 15.0,
+        connect_timeout: float = 5.0,
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
     ) -> None:
-        self.dsn = dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+        self.dsn = resolve_dsn(dsn)
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._spool_dir = spool_dir
         self.attempt_timeout = attempt_timeout
         self.ttft_timeout = ttft_timeout
         self.chunk_timeout = chunk_timeout
@@ -115,6 +136,10 @@ class TenantLLMRouter:
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
+        # Requests (and open streams) in flight, so close() can let them end first.
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._streams: weakref.WeakSet[CompletionStream] = weakref.WeakSet()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -126,10 +151,12 @@ class TenantLLMRouter:
             if self._started:
                 return
             if self._closed:
-                raise GatewayError("router is closed")
+                raise RouterClosedError("router is closed")
             if self._pool is None:
                 try:
-                    self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
+                    self._pool = await asyncpg.create_pool(
+                        self.dsn, min_size=1, max_size=4, timeout=self.connect_timeout
+                    )
                 except (OSError, asyncpg.PostgresError) as exc:
                     raise DatabaseError(
                         f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc});"
@@ -137,18 +164,39 @@ class TenantLLMRouter:
                     ) from exc
             if self._record_usage:
                 if self._tracker is None:
-                    self._tracker = ModelUsageTracker(self.dsn, price_book=self._prices)
+                    self._tracker = ModelUsageTracker(
+                        self.dsn, price_book=self._prices, spool_dir=self._spool_dir
+                    )
                 await self._tracker.start()
             self._started = True
 
-    async def close(self) -> None:
-        """Drain queued usage rows, close HTTP pools and the database pool (idempotent)."""
+    async def close(self, timeout: float = 30.0) -> None:
+        """Shut down without losing a usage row (idempotent).
+
+        New requests are refused at once (:class:`RouterClosedError`); requests and open
+        streams in flight get up to ``timeout`` seconds to end (a stream still open then is
+        recorded as cancelled). Then the HTTP pools close, the usage tracker drains (spooling
+        what PostgreSQL does not take), and the database pool closes.
+        """
         if self._closed:
             return
         self._closed = True
+        if self._inflight:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "router.close(): %d request(s) still in flight after %gs",
+                    self._inflight,
+                    timeout,
+                )
+        for stream in list(self._streams):
+            stream._abandon()  # its row, before the tracker drains
+        await asyncio.gather(*(p.aclose() for p in self._providers.values()))
         if self._tracker is not None and self._owns_tracker:
             await self._tracker.close()
-        await asyncio.gather(*(p.aclose() for p in self._providers.values()))
         if self._pool is not None and self._owns_pool:
             await self._pool.close()
 
@@ -187,21 +235,24 @@ class TenantLLMRouter:
 
     async def _plan(
         self, tenant_id: uuid.UUID | str, estimated_tokens: int, deadline: float
-    ) -> tuple[uuid.UUID, list[ChainEntry]]:
-        """The tenant's id and the entries to try, in order (config from cache).
-
-        When every usable key is only waiting out a 429's Retry-After and the wait fits before
-        ``deadline``, sleeps it out instead of failing.
-        """
+    ) -> tuple[uuid.UUID, TenantRoute, list[ChainEntry]]:
+        """The tenant's id, route and the entries to try, in order (config from cache)."""
         if not self._started:
             await self.start()
         tid = as_tenant_id(tenant_id)
         route = await self._store.get(tid)
+        return tid, route, await self._order(tid, route, estimated_tokens, deadline)
+
+    async def _order(
+        self, tid: uuid.UUID, route: TenantRoute, estimated_tokens: int, deadline: float
+    ) -> list[ChainEntry]:
+        """The chain to try now. When every usable key is only waiting out a 429's
+        Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing."""
         while True:
             now = time.monotonic()
             chain = order_chain(route, self._health, estimated_tokens, now)
             if chain:
-                return tid, chain
+                return chain
             wait = rate_limit_wait(route, self._health, now)
             if wait is None or now + wait > deadline:
                 # Only now are the reasons worth collecting.
@@ -209,6 +260,22 @@ class TenantLLMRouter:
                 order_chain(route, self._health, estimated_tokens, now, skipped)
                 raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
             await asyncio.sleep(wait)
+
+    def _admit(self, params: Mapping[str, Any]) -> None:
+        """Refuse a request up front: the router is closing, or a parameter is reserved."""
+        if self._closed:
+            raise RouterClosedError("router is closing; it accepts no new request")
+        if params and not _RESERVED.keys().isdisjoint(params):
+            name = next(p for p in params if p in _RESERVED)
+            raise InvalidRequestError(
+                f"parameter {name!r} is reserved: {_RESERVED[name]}", parameter=name
+            )
+        self._inflight += 1
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0 and self._idle is not None:
+            self._idle.set()
 
     def _ledger(
         self,
@@ -239,11 +306,14 @@ class TenantLLMRouter:
         """Complete ``messages`` for a tenant, failing over across its chain.
 
         ``params`` go to the provider as they are (``temperature``, ``max_tokens``, ``tools``,
-        ...). ``timeout`` is the total deadline in seconds for every attempt together
-        (default: the router's). Each attempt that reaches a provider becomes one
-        ``model_usage_stats`` row.
+        ...); ``model``, ``stream`` and the SDK's ``extra_*`` are reserved.
+        ``timeout`` is the total deadline in seconds for every attempt together (default: the
+        router's). Each attempt that reaches a provider becomes one ``model_usage_stats`` row;
+        ``metadata`` is stored in it under ``metadata.caller``.
 
         Raises:
+            InvalidRequestError: a reserved or unserialisable parameter (nothing was sent).
+            RouterClosedError: the router is closing.
             TenantNotFoundError, InvalidTenantConfigError: the tenant cannot be served.
             NoProviderAvailableError: no provider has a key, a fitting model and a closed
                 breaker.
@@ -251,94 +321,33 @@ class TenantLLMRouter:
             AllProvidersFailedError: every attempt failed; ``.attempts`` lists them.
             DeadlineExceededError: ``timeout`` ran out first.
         """
-        started = time.monotonic()
-        budget = self.timeout if timeout is None else timeout
-        deadline = started + budget
-        tid, chain = await self._plan(tenant_id, estimated_tokens, deadline)
-        ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
-        health = self._health
-        deadline_hit = False
-        retried = False
-        while True:
-            for entry in chain:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                state = health.get(entry.provider, entry.fingerprint)
-                health.on_attempt(state)
-                cap = (
-                    remaining
-                    if self.attempt_timeout is None
-                    else min(remaining, self.attempt_timeout)
-                )
-                t0 = time.monotonic()
-                try:
-                    async with asyncio.timeout(cap):
-                        response = await self._providers[entry.provider].complete(
-                            key=entry.key,
-                            model=entry.model,
-                            messages=messages,
-                            params=params,
-                            timeout=cap,
-                        )
-                except TimeoutError:
-                    error = ProviderTimeoutError(
-                        f"no answer within {cap:.3g}s", provider=entry.provider, model=entry.model
-                    )
-                    health.on_failure(state, error)
-                    ledger.failed(entry, error, time.monotonic() - t0)
-                    deadline_hit = cap >= remaining
-                    continue
-                except ProviderError as error:
-                    health.on_failure(state, error)
-                    ledger.failed(entry, error, time.monotonic() - t0)
-                    continue
-                except asyncio.CancelledError as cancelled:
-                    health.on_cancel(state)
-                    ledger.record(entry, "cancelled", time.monotonic() - t0, error=cancelled)
-                    raise
-                latency = time.monotonic() - t0
-                health.on_success(state, latency, response.headers)
-                extra = (
-                    {"finish_reason": response.finish_reason} if response.finish_reason else None
-                )
-                _, cost = ledger.record(
-                    entry,
-                    "success",
-                    latency,
-                    model=response.model,
-                    input_tokens=response.input_tokens,
-                    output_tokens=response.output_tokens,
-                    cached_tokens=response.cached_tokens,
-                    reasoning_tokens=response.reasoning_tokens,
-                    extra=extra,
-                )
-                return CompletionResult(
-                    content=response.content,
-                    provider=entry.provider,
-                    model=response.model,
-                    tokens_input=response.input_tokens,
-                    tokens_output=response.output_tokens,
-                    cost=cost,
-                    latency=time.monotonic() - started,
-                    finish_reason=response.finish_reason,
-                    tool_calls=response.tool_calls,
-                    attempts=tuple(ledger.attempts),
-                    request_id=ledger.request_id,
-                    requested_model=entry.model,
-                    key_source=entry.key_source,
-                    raw=response.raw,
-                )
-            # The last key answered 429: if a key frees up within the deadline, wait once.
-            last = ledger.attempts[-1] if ledger.attempts else None
-            if retried or last is None or last.outcome != "rate_limit":
-                break
-            retried = True
-            try:
-                _, chain = await self._plan(tid, estimated_tokens, deadline)
-            except NoProviderAvailableError:
-                break
-        raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, budget)
+        self._admit(params)
+        try:
+            started = time.monotonic()
+            budget = self.timeout if timeout is None else timeout
+            deadline = started + budget
+            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            call = CompletionCall(
+                self._providers,
+                messages,
+                params,
+                ledger=ledger,
+                health=self._health,
+                started=started,
+                cap=self.attempt_timeout,
+            )
+            return await run_attempts(
+                call,
+                chain,
+                ledger=ledger,
+                health=self._health,
+                deadline=deadline,
+                budget=budget,
+                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+            )
+        finally:
+            self._leave()
 
     async def stream_for_tenant(
         self,
@@ -355,25 +364,41 @@ class TenantLLMRouter:
     ) -> CompletionStream:
         """Stream a completion; same arguments as :meth:`complete_for_tenant`.
 
-        Returns once a provider produced its first content chunk (failing over until then);
-        a later failure raises :class:`MidStreamError`. Use ``async with stream:``.
+        Returns once a provider produced its first content chunk (failing over until then,
+        through the same attempt loop); a later failure raises :class:`MidStreamError`. Use
+        ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
-        started = time.monotonic()
-        budget = self.timeout if timeout is None else timeout
-        tid, chain = await self._plan(tenant_id, estimated_tokens, started + budget)
-        stream = CompletionStream(
-            chain=chain,
-            providers=self._providers,
-            health=self._health,
-            ledger=self._ledger(tid, endpoint, user_id, task_type, metadata),
-            messages=messages,
-            params=params,
-            started=started,
-            budget=budget,
-            ttft_timeout=self.ttft_timeout,
-            chunk_timeout=self.chunk_timeout,
-        )
-        await stream._open()
+        self._admit(params)
+        try:
+            started = time.monotonic()
+            budget = self.timeout if timeout is None else timeout
+            deadline = started + budget
+            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            stream = CompletionStream(
+                providers=self._providers,
+                health=self._health,
+                ledger=ledger,
+                messages=messages,
+                params=params,
+                started=started,
+                ttft_timeout=self.ttft_timeout,
+                chunk_timeout=self.chunk_timeout,
+                on_done=self._leave,
+            )
+            await run_attempts(
+                stream,
+                chain,
+                ledger=ledger,
+                health=self._health,
+                deadline=deadline,
+                budget=budget,
+                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+            )
+        except BaseException:
+            self._leave()
+            raise
+        self._streams.add(stream)
         return stream
 
     # --- introspection ---------------------------------------------------------------------

@@ -12,18 +12,13 @@ import asyncio
 import contextlib
 import time
 import warnings
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 from .attempts import RequestLedger
 from .chain import ChainEntry
-from .errors import (
-    MalformedResponseError,
-    MidStreamError,
-    ProviderError,
-    ProviderTimeoutError,
-)
+from .errors import MalformedResponseError, MidStreamError, ProviderError, ProviderTimeoutError
 from .health import HealthRegistry, KeyHealth
 from .providers import Provider
 from .providers.base import ProviderStream
@@ -35,38 +30,42 @@ __all__ = ["CompletionStream", "StreamChunk"]
 # Strong references to closes scheduled from __del__, so they are not garbage-collected.
 _closing: set[asyncio.Task[None]] = set()
 
+_FAILED_ROW: Mapping[str, Any] = {"extra": {"stream": True}}
+
 
 class CompletionStream:
     """An async iterator of :class:`StreamChunk`; use ``async with`` or call :meth:`aclose`.
 
     Made by :meth:`TenantLLMRouter.stream_for_tenant`, which returns it only once a provider
     has produced content. :attr:`result` holds the :class:`CompletionResult` after the end.
+    Its opening is an attempt kind of :func:`~llm_gateway.attempts.run_attempts`: the router's
+    one attempt loop fails over, checks breakers and writes the rows of failed openings.
     """
+
+    what = "first token"
 
     def __init__(
         self,
         *,
-        chain: Sequence[ChainEntry],
         providers: Mapping[str, Provider],
         health: HealthRegistry,
         ledger: RequestLedger,
         messages: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         started: float,
-        budget: float,
         ttft_timeout: float,
         chunk_timeout: float,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
-        self._chain = chain
         self._providers = providers
         self._health = health
         self._ledger = ledger
         self._messages = messages
         self._params = params
         self._started = started
-        self._budget = budget
-        self._ttft_timeout = ttft_timeout
+        self.cap: float | None = ttft_timeout
         self._chunk_timeout = chunk_timeout
+        self._on_done = on_done
         self._entry: ChainEntry | None = None
         self._state: KeyHealth | None = None
         self._stream: ProviderStream | None = None
@@ -78,80 +77,66 @@ class CompletionStream:
         self._done = False
         self.result: CompletionResult | None = None
 
-    # --- opening: failover until the first content chunk ------------------------------------
+    # --- opening: one attempt of the router's attempt loop ----------------------------------
 
-    async def _open(self) -> None:
-        deadline = self._started + self._budget
-        ledger, health = self._ledger, self._health
-        deadline_hit = False
-        for entry in self._chain:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            state = health.get(entry.provider, entry.fingerprint)
-            health.on_attempt(state)
-            progress = StreamProgress(entry.model)
-            self._attempt_started = t0 = time.monotonic()
-            stream: ProviderStream | None = None
-            error: ProviderError
-            try:
-                async with asyncio.timeout(min(self._ttft_timeout, remaining)):
-                    stream = await self._providers[entry.provider].open_stream(
-                        key=entry.key,
-                        model=entry.model,
-                        messages=self._messages,
-                        params=self._params,
-                        timeout=min(self._chunk_timeout, remaining),
-                    )
-                    events = stream.events()
-                    first = None
-                    while first is None:
-                        first = progress.apply(await anext(events), entry.provider)
-                    if not progress.has_content:
-                        raise MalformedResponseError(
-                            "stream finished before any content",
-                            provider=entry.provider,
-                            model=entry.model,
-                        )
-            except ProviderError as exc:
-                error = exc
-            except TimeoutError:
-                error = ProviderTimeoutError(
-                    f"no first token within {min(self._ttft_timeout, remaining):.3g}s",
-                    provider=entry.provider,
-                    model=entry.model,
-                )
-                deadline_hit = self._ttft_timeout >= remaining
-            except StopAsyncIteration:
-                error = MalformedResponseError(
-                    "stream closed with no content", provider=entry.provider, model=entry.model
-                )
-            except asyncio.CancelledError as cancelled:
-                if stream is not None:
-                    await stream.aclose()
-                health.on_cancel(state)
-                inp, out, estimated = progress.tokens(self._messages)
-                ledger.record(
-                    entry,
-                    "cancelled",
-                    time.monotonic() - t0,
-                    model=progress.model,
-                    input_tokens=inp,
-                    output_tokens=out,
-                    error=cancelled,
-                    extra={"stream": True, "tokens_estimated": estimated},
-                )
-                raise
-            else:
-                self._entry, self._state, self._stream = entry, state, stream
-                self._events, self._progress, self._pending = events, progress, first
-                self._ttft = time.monotonic() - t0
-                return
-            if stream is not None:
-                await stream.aclose()
-            health.on_failure(state, error)
-            ledger.failed(entry, error, time.monotonic() - t0, extra={"stream": True})
-        raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, self._budget)
+    def begin(self, entry: ChainEntry) -> None:
+        self._progress = StreamProgress(entry.model)
+        self._stream = None
+        self._events = None
+
+    async def run(self, entry: ChainEntry, timeout: float) -> StreamChunk:
+        """Open a stream on ``entry`` and read it up to its first content chunk."""
+        progress = self._progress
+        assert progress is not None
+        # ``timeout`` bounds the opening; each later read gets the whole chunk_timeout.
+        self._stream = stream = await self._providers[entry.provider].open_stream(
+            key=entry.key,
+            model=entry.model,
+            messages=self._messages,
+            params=self._params,
+            timeout=timeout,
+            chunk_timeout=self._chunk_timeout,
+        )
+        self._events = events = stream.events()
+        first = None
+        try:
+            while first is None:
+                first = progress.apply(await anext(events), entry.provider)
+        except StopAsyncIteration:
+            raise MalformedResponseError(
+                "stream closed with no content", provider=entry.provider, model=entry.model
+            ) from None
+        if not progress.has_content:
+            raise MalformedResponseError(
+                "stream finished before any content", provider=entry.provider, model=entry.model
+            )
+        return first
+
+    def row(self, cancelled: bool) -> Mapping[str, Any]:
+        if not cancelled:
+            return _FAILED_ROW
+        progress = self._progress
+        assert progress is not None
+        inp, out, estimated = progress.tokens(self._messages)
+        return {
+            "model": progress.model,
+            "input_tokens": inp,
+            "output_tokens": out,
+            "extra": {"stream": True, "tokens_estimated": estimated},
+        }
+
+    async def release(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    def succeed(
+        self, entry: ChainEntry, state: KeyHealth, first: StreamChunk, started: float
+    ) -> CompletionStream:
+        self._entry, self._state, self._pending = entry, state, first
+        self._attempt_started = started
+        self._ttft = time.monotonic() - started
+        return self
 
     # --- iteration -------------------------------------------------------------------------
 
@@ -188,6 +173,10 @@ class CompletionStream:
         except asyncio.CancelledError:
             await self._end("cancelled", None)
             raise
+        except Exception as bug:
+            # A defect of ours: the row and the probe first, then let it surface.
+            await self._end("error", None, f"unexpected {type(bug).__name__}")
+            raise
         if progress.finish_reason is None:
             await self._fail(
                 MalformedResponseError(
@@ -211,17 +200,23 @@ class CompletionStream:
             cause=type(error).__name__,
         ) from None
 
-    async def _end(self, outcome: str, error: ProviderError | None) -> None:
-        """Write the attempt's usage row and release the connection (once)."""
+    async def _end(
+        self, outcome: str, error: ProviderError | None, message: str | None = None
+    ) -> None:
+        """Write the attempt's usage row, then release the connection (once)."""
         if self._done:
             return
-        self._account(outcome, error)
+        self._account(outcome, error, message)
         if self._stream is not None:
             await self._stream.aclose()
 
-    def _account(self, outcome: str, error: ProviderError | None) -> None:
+    def _account(
+        self, outcome: str, error: ProviderError | None, message: str | None = None
+    ) -> None:
         """Health, usage row and result of the attempt that reached the caller. No I/O."""
         self._done = True
+        if self._on_done is not None:
+            self._on_done()
         entry, state, progress = self._entry, self._state, self._progress
         assert entry is not None and state is not None and progress is not None
         latency = time.monotonic() - self._attempt_started
@@ -256,6 +251,7 @@ class CompletionStream:
             cached_tokens=progress.cached_tokens,
             reasoning_tokens=progress.reasoning_tokens,
             error=error or cancelled,
+            message=message,
             extra=extra,
         )
         if outcome == "success":
@@ -281,6 +277,11 @@ class CompletionStream:
         """Stop the stream; if it had not finished, its usage row says ``cancelled``."""
         if not self._done and self._entry is not None:
             await self._end("cancelled", None)
+
+    def _abandon(self) -> None:
+        """Record a still-open stream as cancelled (router shutdown); no I/O."""
+        if not self._done and self._entry is not None:
+            self._account("cancelled", None)
 
     async def __aenter__(self) -> CompletionStream:
         return self

@@ -14,6 +14,7 @@ import pytest
 from llm_gateway import (
     AllProvidersFailedError,
     BadRequestError,
+    InvalidRequestError,
     InvalidTenantConfigError,
     NoProviderAvailableError,
     TenantLLMRouter,
@@ -285,7 +286,7 @@ async def test_params_and_tool_calls_pass_through(
         result = await router.complete_for_tenant(
             tenant, MSG, temperature=0.2, max_tokens=64, tools=tools
         )
-        with pytest.raises(BadRequestError):
+        with pytest.raises(InvalidRequestError):
             await router.complete_for_tenant(tenant, MSG, temperature=object())
     body = sims.llm7.requests[0].body
     assert body is not None
@@ -293,6 +294,8 @@ async def test_params_and_tool_calls_pass_through(
     assert result.finish_reason == "tool_calls"
     assert result.tool_calls is not None and result.tool_calls[0]["function"]["name"] == "lookup"
     assert len(sims.llm7.requests) == 1  # the unserialisable request never left the process
+    # ... so it is no attempt: one row, the success.
+    assert [r["status"] for r in await usage_rows(pg, tenant)] == ["success"]
 
 
 async def test_cached_tokens_are_priced(pg_dsn: str, pg: asyncpg.Connection) -> None:

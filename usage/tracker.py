@@ -46,7 +46,7 @@ from .stats import (
 )
 from .writer import describe_error, set_codecs
 
-__all__ = ["DEFAULT_DSN", "ModelUsageTracker"]
+__all__ = ["DEFAULT_DSN", "ModelUsageTracker", "resolve_dsn"]
 
 log = logging.getLogger("usage")
 
@@ -436,5 +436,10 @@ class ModelUsageTracker(UsagePipeline):
         return self._link.pool
 
 
+def resolve_dsn(dsn: str | None = None) -> str:
+    """``dsn``, else ``$DATABASE_URL``, else :data:`DEFAULT_DSN`: the one resolution."""
+    return dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+
+
 def _env_dsn() -> str:
-    return os.environ.get("DATABASE_URL") or DEFAULT_DSN
+    return resolve_dsn()

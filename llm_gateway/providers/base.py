@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import orjson
 
-from ..errors import BadRequestError, MalformedResponseError, ProviderError
+from ..errors import GatewayError, InvalidRequestError, MalformedResponseError, ProviderError
 from ..keys import ApiKey
 from .errors import classify
 
@@ -294,6 +294,8 @@ class Provider:
         self._path = path
         self._response_type = response_type
         self._stream = client.chat.completions.with_streaming_response.create
+        # The Timeout class of the HTTP library this SDK runs on (httpx or httpx2).
+        self._timeout = type(client.timeout)
 
     async def complete(
         self,
@@ -304,12 +306,18 @@ class Provider:
         params: Mapping[str, Any],
         timeout: float,
     ) -> ProviderResponse:
+        """Send one non-streamed request; ``timeout`` bounds the whole call.
+
+        Connecting is bounded by ``connect_timeout`` as well (a float would set every phase).
+
+        Raises:
+            InvalidRequestError: the body cannot be serialised (nothing was sent).
+            ProviderError: the provider failed (classified).
+        """
         try:
             body = _dumps({"model": model, "messages": messages, **params})
         except TypeError as exc:
-            raise BadRequestError(
-                f"request is not JSON-serialisable: {exc}", provider=self.name, model=model
-            ) from None
+            raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
         headers = {"Content-Type": "application/json"}
         if key is not None:
             headers["Authorization"] = f"Bearer {key.reveal()}"
@@ -318,7 +326,12 @@ class Provider:
                 self._path,
                 cast_to=self._response_type,
                 content=body,
-                options={"headers": headers, "timeout": timeout},
+                options={
+                    "headers": headers,
+                    "timeout": self._timeout(
+                        timeout, connect=min(self.settings.connect_timeout, timeout)
+                    ),
+                },
             )
             content = response.content
         except Exception as exc:
@@ -337,11 +350,18 @@ class Provider:
         messages: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         timeout: float,
+        chunk_timeout: float,
     ) -> ProviderStream:
         """Send a streaming request; returns once the response headers arrived (2xx).
 
-        ``timeout`` bounds each network read (the between-chunk timeout); the caller bounds
-        the time to the first token. The returned stream must be closed.
+        ``timeout`` bounds the opening (connect, sending, a free pooled connection; the caller
+        bounds the time to the first token); ``chunk_timeout`` bounds each network read for
+        the stream's whole life, however late in the deadline it was opened. The returned
+        stream must be closed.
+
+        Raises:
+            InvalidRequestError: the SDK refused the parameters (nothing was sent).
+            ProviderError: the provider failed (classified).
         """
         headers = {"Authorization": f"Bearer {key.reveal()}"} if key is not None else None
         options = dict(params)
@@ -350,16 +370,26 @@ class Provider:
             stream_options = dict(options.pop("stream_options", None) or {})
             stream_options.setdefault("include_usage", True)
             options["stream_options"] = stream_options
+        limits = self._timeout(
+            chunk_timeout,
+            connect=min(self.settings.connect_timeout, timeout),
+            write=timeout,
+            pool=timeout,
+        )
+        error: GatewayError
         try:
             manager = self._stream(
                 model=model,
                 messages=messages,
                 stream=True,
                 extra_headers=headers,
-                timeout=timeout,
+                timeout=limits,
                 **options,
             )
             response = await manager.__aenter__()
+        except TypeError as exc:
+            # An unknown or unserialisable parameter: the request was never built.
+            error = InvalidRequestError(f"invalid request parameters: {exc}")
         except Exception as exc:
             error = classify(exc, self.name, model, key)
         else:
