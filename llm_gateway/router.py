@@ -33,6 +33,7 @@ from .errors import (
     ProviderTimeoutError,
 )
 from .health import HealthRegistry
+from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .streaming import CompletionStream
 from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
@@ -67,6 +68,8 @@ class TenantLLMRouter:
         attempt_timeout: cap of one non-streamed attempt (default: only the deadline).
         ttft_timeout: cap of one streamed attempt until its first content chunk.
         chunk_timeout: longest wait between two chunks of a stream.
+        fingerprint_key: the deployment's secret for key fingerprints (default
+            ``LLM_GATEWAY_FINGERPRINT_KEY``, else generated once and kept in PostgreSQL).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class TenantLLMRouter:
         chunk_timeout: float = 15.0,
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
+        fingerprint_key: str | None = None,
     ) -> None:
         self.dsn = dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
         self.timeout = timeout
@@ -112,6 +116,8 @@ class TenantLLMRouter:
             unknown_tenant=unknown_tenant,
             stale_if_error=stale_if_error,
         )
+        self._fingerprint_key = fingerprint_key
+        self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
@@ -135,6 +141,10 @@ class TenantLLMRouter:
                         f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc});"
                         " set DATABASE_URL or pass dsn="
                     ) from exc
+            if self._fingerprint is None:
+                self._fingerprint = await deployment_fingerprinter(
+                    self._pool, self._fingerprint_key
+                )
             if self._record_usage:
                 if self._tracker is None:
                     self._tracker = ModelUsageTracker(self.dsn, price_book=self._prices)
@@ -169,7 +179,14 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(config, self._settings, self._prices.lookup)
+        return build_route(config, self._settings, self._prices.lookup, self.key_fingerprint)
+
+    def key_fingerprint(self, key: str | ApiKey) -> str:
+        """The fingerprint this deployment shows for ``key`` in health, explain and usage rows."""
+        if self._fingerprint is None:
+            # Never a fingerprint under an unknown secret: it would differ from the real one.
+            raise GatewayError("router not started: key fingerprints are not known yet")
+        return self._fingerprint(key)
 
     # --- configuration ---------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from tests.conftest import ADMIN_DSN, _drop, _dsn_for, make_tenant
 
 GROQ = {"preferred_provider": "groq"}
 LLM7 = {"preferred_provider": "llm7"}
+_UPDATE = "UPDATE tenants SET inference_config = $2::jsonb WHERE id = $1"
 
 
 def _store(pool: asyncpg.Pool, **kwargs: Any) -> TenantConfigStore[TenantConfig]:
@@ -107,8 +108,7 @@ async def test_a_request_after_invalidation_does_not_join_an_older_load(
         store = _store(late, query_timeout=60)
         before = asyncio.create_task(store.get(tid))
         await asyncio.wait_for(_LateRows.read.wait(), 20)  # it read the old row
-        await pg.execute("UPDATE tenants SET inference_config = $2::jsonb WHERE id = $1", tid,
-                         '{"preferred_provider": "llm7"}')  # fmt: skip
+        await pg.execute(_UPDATE, tid, '{"preferred_provider": "llm7"}')
         store.invalidate(tid)
         _LateRows.delay = False
         after = asyncio.create_task(store.get(tid))
@@ -134,8 +134,7 @@ async def test_invalidating_everything_also_detaches_in_flight_loads(
         store = _store(late, query_timeout=60)
         before = asyncio.create_task(store.get(tid))
         await asyncio.wait_for(_LateRows.read.wait(), 20)
-        await pg.execute("UPDATE tenants SET inference_config = $2::jsonb WHERE id = $1", tid,
-                         '{"preferred_provider": "llm7"}')  # fmt: skip
+        await pg.execute(_UPDATE, tid, '{"preferred_provider": "llm7"}')
         store.invalidate()
         _LateRows.delay = False
         config = await asyncio.wait_for(store.get(tid), 20)
@@ -200,13 +199,20 @@ async def test_fingerprints_are_keyed_per_deployment(
 ) -> None:
     monkeypatch.delenv("LLM_GATEWAY_FINGERPRINT_KEY", raising=False)
     secret = "gsk_a-guessable-key"
-    async with _router(pg_dsn) as one, _router(pg_dsn) as two, _router(other_deployment) as far:
-        fingerprint = one.key_fingerprint(secret)
-        assert fingerprint != hashlib.sha256(secret.encode()).hexdigest()[:12]
-        assert len(fingerprint) == 12
-        assert two.key_fingerprint(secret) == fingerprint  # same deployment, same fingerprint
-        assert far.key_fingerprint(secret) != fingerprint
-        assert one.key_fingerprint("another key") != fingerprint
+    # Two first starts of a new deployment at once agree on one generated secret.
+    far, far_too = _router(other_deployment), _router(other_deployment)
+    await asyncio.gather(far.start(), far_too.start())
+    try:
+        async with _router(pg_dsn) as one, _router(pg_dsn) as two:
+            fingerprint = one.key_fingerprint(secret)
+            assert fingerprint != hashlib.sha256(secret.encode()).hexdigest()[:12]
+            assert len(fingerprint) == 12
+            assert two.key_fingerprint(secret) == fingerprint  # same deployment, same print
+            assert one.key_fingerprint("another key") != fingerprint
+        assert far.key_fingerprint(secret) == far_too.key_fingerprint(secret) != fingerprint
+    finally:
+        await far.close()
+        await far_too.close()
 
 
 async def test_fingerprint_key_from_argument_or_environment(
