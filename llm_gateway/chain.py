@@ -64,8 +64,12 @@ def build_route(
     config: TenantConfig,
     providers: Mapping[str, ProviderSettings],
     price: PriceLookup,
+    fingerprint: Callable[[ApiKey], str],
 ) -> TenantRoute:
-    """Candidate entries for a tenant: its own key first, else the system key."""
+    """Candidate entries for a tenant: its own key first, else the system key.
+
+    ``fingerprint`` is the deployment's keyed fingerprint (:class:`~.keys.Fingerprinter`).
+    """
     inference = config.inference
     candidates: dict[str, ChainEntry] = {}
     excluded: dict[str, str] = {}
@@ -90,7 +94,7 @@ def build_route(
             model=model,
             key=key,
             key_source=source,
-            fingerprint=key.fingerprint if key is not None else "nokey",
+            fingerprint=fingerprint(key) if key is not None else "nokey",
             context_window=settings.models.get(model),
             price_per_m=None
             if prices is None
@@ -99,6 +103,12 @@ def build_route(
     for name in config.keys:
         if name not in providers:
             excluded[name] = "tenant has a key but the router has no settings for this provider"
+    for wanted, role in (
+        (inference.preferred_provider, "preferred provider"),
+        *((name, "in fallback_order") for name in inference.fallback_order),
+    ):
+        if wanted and wanted not in providers and wanted not in excluded:
+            excluded[wanted] = f"{role}, but the router has no settings for this provider"
     order: list[str] = []
     for wanted in (inference.preferred_provider, *inference.fallback_order):
         if wanted and wanted in candidates and wanted not in order:

@@ -11,10 +11,20 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import InvalidTenantConfigError, UnknownProviderError
 from .keys import ApiKey
@@ -25,6 +35,7 @@ __all__ = [
     "RateLimits",
     "TenantConfig",
     "normalize_provider",
+    "parse_rate_limits",
     "parse_tenant_config",
 ]
 
@@ -39,7 +50,7 @@ def normalize_provider(name: str) -> str:
     Raises :class:`UnknownProviderError` for a name that matches no provider.
     """
     if not isinstance(name, str):
-        raise UnknownProviderError(repr(name))
+        raise UnknownProviderError(repr(name), PROVIDER_NAMES)
     lowered = name.strip().lower()
     if lowered in PROVIDER_NAMES:
         return lowered
@@ -47,16 +58,46 @@ def normalize_provider(name: str) -> str:
     for provider in PROVIDER_NAMES:
         if compact.startswith(provider):
             return provider
-    raise UnknownProviderError(name)
+    raise UnknownProviderError(name, PROVIDER_NAMES)
 
 
-def _provider_key(value: object) -> str:
+def _json_type(value: object) -> str:
+    """What a JSON value is, in words (never the value: it may be a key)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "an object"
+    return type(value).__name__
+
+
+def _provider_name(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"provider name must be a string, got {type(value).__name__}")
+        kind = _json_type(value)
+        raise PydanticCustomError(
+            "provider", "expected a provider name, got {kind}", {"kind": kind}
+        )
     try:
         return normalize_provider(value)
     except UnknownProviderError as exc:
-        raise ValueError(str(exc)) from None
+        raise PydanticCustomError("provider", "{reason}", {"reason": str(exc)}) from None
+
+
+def _model_name(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("model", "empty model name")
+    return value
+
+
+ProviderName = Annotated[str, BeforeValidator(_provider_name)]
+ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
 class RateLimits(BaseModel):
@@ -67,6 +108,13 @@ class RateLimits(BaseModel):
     requests_per_minute: int | None = Field(default=None, gt=0, strict=True)
     tokens_per_minute: int | None = Field(default=None, gt=0, strict=True)
     requests_per_day: int | None = Field(default=None, gt=0, strict=True)
+
+
+def _drop_unset(value: object) -> object:
+    # ``{"groq": null}`` (or "") in a per-provider map means "not set for groq".
+    if isinstance(value, Mapping):
+        return {k: v for k, v in value.items() if v is not None and v != ""}
+    return value
 
 
 class InferenceConfig(BaseModel):
@@ -80,39 +128,78 @@ class InferenceConfig(BaseModel):
 
     preferred_provider: str | None = None
     auto_failover: StrictBool = True
-    preferred_models: dict[str, str] = Field(default_factory=dict)
+    preferred_models: Annotated[dict[ProviderName, ModelName], BeforeValidator(_drop_unset)] = (
+        Field(default_factory=dict)
+    )
     # Providers to try after the preferred one, in this order, before the score decides.
-    fallback_order: tuple[str, ...] = ()
+    fallback_order: tuple[ProviderName, ...] = ()
     # False: the tenant is served only with its own keys, never with the system's.
     use_system_keys: StrictBool = True
-    rate_limits: dict[str, RateLimits] = Field(default_factory=dict)
+    rate_limits: Annotated[dict[ProviderName, RateLimits], BeforeValidator(_drop_unset)] = Field(
+        default_factory=dict
+    )
 
     @field_validator("preferred_provider", mode="before")
     @classmethod
     def _preferred(cls, value: object) -> object:
-        return None if value in (None, "") else _provider_key(value)
+        return None if value in (None, "") else _provider_name(value)
 
-    @field_validator("fallback_order", mode="before")
-    @classmethod
-    def _order(cls, value: object) -> object:
-        if isinstance(value, list | tuple):
-            return tuple(_provider_key(v) for v in value)
-        return value
 
-    @field_validator("preferred_models", "rate_limits", mode="before")
-    @classmethod
-    def _keys(cls, value: object) -> object:
-        if isinstance(value, Mapping):
-            return {_provider_key(k): v for k, v in value.items() if v not in (None, "")}
-        return value
+# What a pydantic error type expected, for "expected X, got <JSON type>".
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "string_type": "a string",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "tuple_type": "an array",
+    "list_type": "an array",
+}
 
-    @field_validator("preferred_models")
-    @classmethod
-    def _models(cls, value: dict[str, str]) -> dict[str, str]:
-        for provider, model in value.items():
-            if not model.strip():
-                raise ValueError(f"empty model name for {provider}")
-        return value
+
+def _reason(error: ErrorDetails) -> str:
+    kind = error["type"]
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {_json_type(error.get('input'))}"
+    if kind == "greater_than" and error.get("ctx", {}).get("gt") == 0:
+        return f"expected a positive integer, got {error.get('input')}"
+    if kind == "extra_forbidden":  # only RateLimits forbids unknown keys
+        return f"unknown setting (known: {', '.join(RateLimits.model_fields)})"
+    return error["msg"]
+
+
+def _validate_inference(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> InferenceConfig:
+    try:
+        return InferenceConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        # "[key]" marks an error in a mapping's key; the key itself is already in the path.
+        parts = [_clip(str(p)) for p in first["loc"] if p != "[key]"]
+        path = ".".join(("inference_config", *parts))
+        raise InvalidTenantConfigError(tenant_id, path, _reason(first)) from None
+
+
+def parse_rate_limits(tenant_id: uuid.UUID, raw: object) -> Mapping[str, RateLimits]:
+    """A tenant's ``inference_config.rate_limits`` (JSON text or value), validated exactly as
+    :func:`parse_tenant_config` validates it: for readers that need only the limits.
+
+    Keys are normalised provider ids; SQL/JSON ``null`` means no limits configured.
+    """
+    if isinstance(raw, str | bytes):
+        try:
+            raw = orjson.loads(raw)
+        except ValueError as exc:
+            raise InvalidTenantConfigError(
+                tenant_id, "inference_config.rate_limits", f"not valid JSON ({exc})"
+            ) from None
+    if raw is None:
+        return {}
+    return _validate_inference(tenant_id, {"rate_limits": raw}).rate_limits
+
+
+def _clip(name: str) -> str:
+    # Same rule as UnknownProviderError: a long name may be a pasted key.
+    return name if len(name) <= 32 else f"{name[:8]}…"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,29 +228,32 @@ def _as_object(tenant_id: uuid.UUID, column: str, raw: object) -> Mapping[str, A
                 tenant_id, column, "expected a JSON object, got a JSON string (double-encoded?)"
             )
     if not isinstance(raw, Mapping):
-        kind = "array" if isinstance(raw, list) else type(raw).__name__
-        raise InvalidTenantConfigError(tenant_id, column, f"expected a JSON object, got {kind}")
+        raise InvalidTenantConfigError(
+            tenant_id, column, f"expected a JSON object, got {_json_type(raw)}"
+        )
     return raw
 
 
 def _parse_tokens(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> dict[str, ApiKey]:
     keys: dict[str, ApiKey] = {}
     for name, value in raw.items():
+        field = f"llm_tokens.{_clip(name)}"
         try:
             provider = normalize_provider(name)
-        except UnknownProviderError:
-            raise InvalidTenantConfigError(
-                tenant_id, f"llm_tokens.{name}", f"unknown provider {name!r}"
-            ) from None
-        if value is None or value == "":
-            continue  # an explicit "no key" entry
+        except UnknownProviderError as exc:
+            raise InvalidTenantConfigError(tenant_id, field, str(exc)) from None
+        if value is None:
+            continue  # JSON null: explicitly no key for this provider
         if not isinstance(value, str):
             raise InvalidTenantConfigError(
-                tenant_id, f"llm_tokens.{name}", f"expected a string, got {type(value).__name__}"
+                tenant_id, field, f"expected a string or null, got {_json_type(value)}"
             )
+        if not value.strip():
+            # Not "no key": serving the tenant with the system key would be a surprise.
+            raise InvalidTenantConfigError(tenant_id, field, "empty key (write null for no key)")
         if provider in keys:
             raise InvalidTenantConfigError(
-                tenant_id, f"llm_tokens.{name}", f"second key for provider {provider!r}"
+                tenant_id, field, f"second key for provider {provider!r}"
             )
         keys[provider] = ApiKey(value, "tenant")
     return keys
@@ -183,11 +273,7 @@ def parse_tenant_config(
     The error message never contains a key's value.
     """
     tokens = _parse_tokens(tenant_id, _as_object(tenant_id, "llm_tokens", llm_tokens))
-    raw_config = _as_object(tenant_id, "inference_config", inference_config)
-    try:
-        inference = InferenceConfig.model_validate(raw_config)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False, include_input=False)[0]
-        path = ".".join(str(p) for p in ("inference_config", *first["loc"]))
-        raise InvalidTenantConfigError(tenant_id, path, first["msg"]) from None
+    inference = _validate_inference(
+        tenant_id, _as_object(tenant_id, "inference_config", inference_config)
+    )
     return TenantConfig(tenant_id, tokens, inference, True, updated_at, name)

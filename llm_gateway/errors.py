@@ -50,9 +50,12 @@ class ConfigError(GatewayError):
 class UnknownProviderError(ConfigError, ValueError):
     """A provider name that the gateway does not know."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"unknown provider {name!r}")
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        # A long name is clipped: it may be an API key pasted where a name belongs.
+        self.name = name if len(name) <= 32 else f"{name[:8]}…"
+        shown = repr(self.name) + (f" ({len(name)} characters)" if len(name) > 32 else "")
+        hint = f" (known: {', '.join(known)})" if known else ""
+        super().__init__(f"unknown provider {shown}{hint}")
 
 
 class TenantNotFoundError(ConfigError, LookupError):

@@ -28,6 +28,27 @@ CREATE TABLE IF NOT EXISTS llm_gateway_migrations (
 """
 
 
+_TENANT_ID_TYPE = """
+SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+WHERE attrelid = to_regclass('tenants') AND attname = 'id' AND NOT attisdropped
+"""
+
+
+async def _check_tenant_id(conn: asyncpg.Connection) -> None:
+    """Refuse an adopted ``tenants`` table whose ``id`` is not a uuid.
+
+    Every lookup binds a UUID, so such a table would make each request fail with
+    TenantNotFoundError while the migration itself reported success.
+    """
+    found = await conn.fetchval(_TENANT_ID_TYPE)
+    if found != "uuid":
+        what = f"its id column is {found}" if found else "it has no id column"
+        raise DatabaseError(
+            f"cannot adopt the existing tenants table: {what}, and the gateway needs uuid"
+            " (tenant ids are UUIDs); convert the column or use a uuid key"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: int
@@ -80,11 +101,16 @@ async def apply_migrations(dsn: str, *, directory: Path | None = None) -> list[i
             done = {
                 r["version"] for r in await conn.fetch("SELECT version FROM llm_gateway_migrations")
             }
+            if 1 in done:
+                await _check_tenant_id(conn)  # adopted by an earlier version without the check
             for migration in migrations:
                 if migration.version in done:
                     continue
                 async with conn.transaction():
                     await conn.execute(migration.sql)
+                    if migration.version == 1:
+                        # Inside the transaction: a refused adoption leaves the table as it was.
+                        await _check_tenant_id(conn)
                     await conn.execute(
                         "INSERT INTO llm_gateway_migrations (version, name, checksum)"
                         " VALUES ($1, $2, $3)",

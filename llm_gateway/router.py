@@ -36,6 +36,7 @@ from .errors import (
     RouterClosedError,
 )
 from .health import HealthRegistry
+from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .streaming import CompletionStream
 from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
@@ -84,6 +85,8 @@ class TenantLLMRouter:
         ttft_timeout: cap of one streamed attempt until its first content chunk.
         chunk_timeout: longest wait between two chunks of a stream.
         connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
+        fingerprint_key: the deployment's secret for key fingerprints (default
+            ``LLM_GATEWAY_FINGERPRINT_KEY``, else generated once and kept in PostgreSQL).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class TenantLLMRouter:
         connect_timeout: float = 5.0,
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
+        fingerprint_key: str | None = None,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
         self.timeout = timeout
@@ -133,6 +137,8 @@ class TenantLLMRouter:
             unknown_tenant=unknown_tenant,
             stale_if_error=stale_if_error,
         )
+        self._fingerprint_key = fingerprint_key
+        self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
@@ -162,6 +168,10 @@ class TenantLLMRouter:
                         f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc});"
                         " set DATABASE_URL or pass dsn="
                     ) from exc
+            if self._fingerprint is None:
+                self._fingerprint = await deployment_fingerprinter(
+                    self._pool, self._fingerprint_key
+                )
             if self._record_usage:
                 if self._tracker is None:
                     self._tracker = ModelUsageTracker(
@@ -217,7 +227,14 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(config, self._settings, self._prices.lookup)
+        return build_route(config, self._settings, self._prices.lookup, self.key_fingerprint)
+
+    def key_fingerprint(self, key: str | ApiKey) -> str:
+        """The fingerprint this deployment shows for ``key`` in health, explain and usage rows."""
+        if self._fingerprint is None:
+            # Never a fingerprint under an unknown secret: it would differ from the real one.
+            raise GatewayError("router not started: key fingerprints are not known yet")
+        return self._fingerprint(key)
 
     # --- configuration ---------------------------------------------------------------------
 

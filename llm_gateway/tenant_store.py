@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -53,7 +54,7 @@ class TenantConfigStore(Generic[T]):
     When PostgreSQL fails, a tenant loaded within the last ``stale_if_error`` seconds keeps
     its last known config (logged) instead of failing; for ``retry_after_error`` seconds after
     a failure, such tenants are served without asking the database again. ``query_timeout``
-    bounds one config query.
+    bounds one config load: waiting for a pooled connection and the query together.
     """
 
     def __init__(
@@ -83,43 +84,49 @@ class TenantConfigStore(Generic[T]):
         self._retry_after_error = retry_after_error
         self._query_timeout = query_timeout
         self._db_failed_until = 0.0
-        self._inflight: dict[uuid.UUID, asyncio.Future[T]] = {}
-        # Bumped by invalidate(): a load that began before an invalidation is not cached.
-        self._generation = 0
+        # The current load of each tenant; invalidate() detaches (removes) it.
+        self._inflight: dict[uuid.UUID, asyncio.Task[T]] = {}
+        # Every running load, detached ones included: the loop keeps only weak references.
+        self._loading: set[asyncio.Task[T]] = set()
         self.loads = 0  # queries made, for tests and metrics
 
     async def get(self, tenant_id: uuid.UUID) -> T:
+        """The tenant's config (built), from the cache or one shared load."""
         cached = self._cache.get(tenant_id)
         if cached is not None:
             return cached
-        pending = self._inflight.get(tenant_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._inflight[tenant_id] = future
-        try:
-            value = await self._load(tenant_id)
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                future.set_exception(exc)
-                future.exception()  # mark retrieved when nobody else waits
-            else:
-                future.cancel()
-            raise
-        else:
-            future.set_result(value)
-            return value
-        finally:
+        load = self._inflight.get(tenant_id)
+        if load is None:
+            # The load runs in a task of its own: cancelling one caller (even the one that
+            # started it) must not cancel the others waiting on it.
+            load = asyncio.get_running_loop().create_task(self._load(tenant_id))
+            self._inflight[tenant_id] = load
+            self._loading.add(load)
+            load.add_done_callback(functools.partial(self._load_done, tenant_id))
+        return await asyncio.shield(load)
+
+    def _load_done(self, tenant_id: uuid.UUID, load: asyncio.Task[T]) -> None:
+        self._loading.discard(load)
+        if self._inflight.get(tenant_id) is load:
             del self._inflight[tenant_id]
+        if not load.cancelled():
+            load.exception()  # retrieved, even when every waiter was cancelled
+
+    def _attached(self, tenant_id: uuid.UUID) -> bool:
+        """Whether the running load is still the current one (not detached by invalidate)."""
+        return self._inflight.get(tenant_id) is asyncio.current_task()
 
     async def _load(self, tenant_id: uuid.UUID) -> T:
         stale = self._stale.get(tenant_id) if self._stale is not None else None
         if stale is not None and time.monotonic() < self._db_failed_until:
             return stale  # the database failed moments ago: do not wait on it again
         self.loads += 1
-        generation = self._generation
         try:
-            row = await self._pool().fetchrow(_QUERY, tenant_id, timeout=self._query_timeout)
+            # One bound for waiting on a pooled connection (or a new one) and the query.
+            deadline = time.monotonic() + self._query_timeout
+            async with self._pool().acquire(timeout=self._query_timeout) as conn:
+                left = max(deadline - time.monotonic(), 0.001)
+                row = await conn.fetchrow(_QUERY, tenant_id, timeout=left)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self._db_failed_until = time.monotonic() + self._retry_after_error
             if stale is not None:
@@ -145,17 +152,25 @@ class TenantConfigStore(Generic[T]):
                 name=row["name"],
             )
         value = self._build(config)
-        if generation == self._generation:
+        if self._attached(tenant_id):
+            # A load detached by invalidate() may have read the row before the change.
             self._cache[tenant_id] = value
             if self._stale is not None:
                 self._stale[tenant_id] = value
         return value
 
     def invalidate(self, tenant_id: uuid.UUID | str | None = None) -> None:
-        """Forget one tenant's config, or every tenant's with no argument."""
-        self._generation += 1
+        """Forget one tenant's config, or every tenant's with no argument.
+
+        Loads in flight are detached too: a request made after this call starts a new query
+        rather than joining one that may have read the row before the change (the requests
+        already waiting on it still get its result, which is not cached).
+        """
         if tenant_id is None:
             self._cache.clear()
+            self._inflight.clear()
             return
         with contextlib.suppress(GatewayError):  # a malformed id was never cached
-            self._cache.pop(as_tenant_id(tenant_id), None)
+            tid = as_tenant_id(tenant_id)
+            self._cache.pop(tid, None)
+            self._inflight.pop(tid, None)

@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from llm_gateway.chain import build_route, order_chain
+from llm_gateway.chain import build_route, explain_route, order_chain
 from llm_gateway.config import parse_tenant_config
 from llm_gateway.errors import (
     AuthenticationError,
@@ -16,6 +16,7 @@ from llm_gateway.errors import (
     ServerError,
 )
 from llm_gateway.health import HealthRegistry
+from llm_gateway.keys import Fingerprinter
 from llm_gateway.providers import parse_retry_after, provider_settings
 from usage.pricing import Price
 
@@ -43,8 +44,12 @@ class Clock:
         return self.now
 
 
+FINGERPRINT = Fingerprinter("test-deployment")
+
+
 def route(tokens: dict[str, str] | None = None, **inference: object):  # type: ignore[no-untyped-def]
-    return build_route(parse_tenant_config(T, tokens or {}, inference), PROVIDERS, price)
+    config = parse_tenant_config(T, tokens or {}, inference)
+    return build_route(config, PROVIDERS, price, FINGERPRINT)
 
 
 def test_tenant_key_first_then_system_key_and_exclusions() -> None:
@@ -59,6 +64,26 @@ def test_tenant_key_first_then_system_key_and_exclusions() -> None:
     strict = route({"openrouter": "tenant-or"}, use_system_keys=False)
     assert [e.provider for e in strict.entries] == ["openrouter", "local"]
     assert set(strict.excluded) == {"groq", "llm7"}
+
+
+def test_entries_carry_the_deployment_fingerprint_of_their_key() -> None:
+    by_name = {e.provider: e for e in route({"openrouter": "tenant-or"}).entries}
+    assert by_name["openrouter"].fingerprint == FINGERPRINT("tenant-or")
+    assert by_name["groq"].fingerprint == FINGERPRINT("sys-groq")
+    assert by_name["local"].fingerprint == "nokey"
+
+
+def test_explain_lists_a_preferred_provider_the_router_cannot_use() -> None:
+    r = route(preferred_provider="openai", fallback_order=["openai", "groq"])
+    explained = explain_route(r, HealthRegistry(), 100, 0.0)
+    assert explained["chain"][0]["provider"] == "groq"
+    assert explained["excluded"]["openai"] == (
+        "preferred provider, but the router has no settings for this provider"
+    )
+    r = route(fallback_order=["openai"])
+    assert explain_route(r, HealthRegistry(), 100, 0.0)["excluded"]["openai"] == (
+        "in fallback_order, but the router has no settings for this provider"
+    )
 
 
 def test_preferred_and_fallback_order_are_kept_rest_scored() -> None:

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from llm_gateway import ApiKey, InvalidTenantConfigError, UnknownProviderError, normalize_provider
-from llm_gateway.config import parse_tenant_config
+from llm_gateway.config import parse_rate_limits, parse_tenant_config
 
 T = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 
@@ -38,7 +38,7 @@ def test_unknown_provider(name: str) -> None:
 def test_valid_config_is_normalised_and_ignores_new_keys() -> None:
     config = parse_tenant_config(
         T,
-        {"Groq (Llama 3.3 70B)": "gsk_secret", "openrouter": None, "llm7": ""},
+        {"Groq (Llama 3.3 70B)": "gsk_secret", "openrouter": None},
         {
             "preferred_provider": "OpenRouter (DeepSeek R1)",
             "auto_failover": False,
@@ -71,7 +71,7 @@ def test_jsonb_as_text_is_accepted() -> None:
         ({}, {"auto_failover": "yes"}, "inference_config.auto_failover"),
         ({}, {"preferred_provider": "nobody"}, "inference_config.preferred_provider"),
         ({}, {"preferred_models": {"groq": 7}}, "inference_config.preferred_models.groq"),
-        ({}, {"preferred_models": {"nobody": "m"}}, "inference_config.preferred_models"),
+        ({}, {"preferred_models": {"nobody": "m"}}, "inference_config.preferred_models.nobody"),
         ({}, {"fallback_order": "groq"}, "inference_config.fallback_order"),
         (
             {},
@@ -97,3 +97,105 @@ def test_api_key_never_shows_its_secret() -> None:
         pickle.dumps(key)
     with pytest.raises(ValueError):
         ApiKey("  ", "system")
+
+
+KNOWN = "(known: groq, openrouter, llm7, openai, local)"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "inference", "field", "reason"),
+    [
+        ({"anthropic": "k"}, {}, "llm_tokens.anthropic", f"unknown provider 'anthropic' {KNOWN}"),
+        (
+            {},
+            {"preferred_provider": "anthropic"},
+            "inference_config.preferred_provider",
+            f"unknown provider 'anthropic' {KNOWN}",
+        ),
+        (
+            {},
+            {"preferred_models": {"anthropic": "claude"}},
+            "inference_config.preferred_models.anthropic",
+            f"unknown provider 'anthropic' {KNOWN}",
+        ),
+        (
+            {},
+            {"fallback_order": "groq"},
+            "inference_config.fallback_order",
+            "expected an array, got a string",
+        ),
+        (
+            {},
+            {"fallback_order": ["groq", None]},
+            "inference_config.fallback_order.1",
+            "expected a provider name, got null",
+        ),
+        (
+            {},
+            {"auto_failover": None},
+            "inference_config.auto_failover",
+            "expected true or false, got null",
+        ),
+        (
+            {},
+            {"preferred_models": {"groq": 7}},
+            "inference_config.preferred_models.groq",
+            "expected a string, got a number",
+        ),
+        (
+            {},
+            {"rate_limits": {"groq": {"requests_per_minute": 0}}},
+            "inference_config.rate_limits.groq.requests_per_minute",
+            "expected a positive integer, got 0",
+        ),
+        (
+            {},
+            {"rate_limits": {"groq": {"request_per_minute": 5}}},
+            "inference_config.rate_limits.groq.request_per_minute",
+            "unknown setting (known: requests_per_minute, tokens_per_minute, requests_per_day)",
+        ),
+        ({"groq": 42}, {}, "llm_tokens.groq", "expected a string or null, got a number"),
+        ({"groq": ""}, {}, "llm_tokens.groq", "empty key (write null for no key)"),
+        ({"groq": "   "}, {}, "llm_tokens.groq", "empty key (write null for no key)"),
+        ("[1]", {}, "llm_tokens", "expected a JSON object, got an array"),
+        ({}, "3", "inference_config", "expected a JSON object, got a number"),
+    ],
+)
+def test_config_errors_are_readable(
+    tokens: object, inference: object, field: str, reason: str
+) -> None:
+    with pytest.raises(InvalidTenantConfigError) as info:
+        parse_tenant_config(T, tokens, inference)
+    assert (info.value.field, info.value.reason) == (field, reason)
+    assert str(info.value) == f"tenant {T}: invalid {field}: {reason}"
+
+
+def test_null_key_means_no_key() -> None:
+    config = parse_tenant_config(T, {"groq": None, "llm7": "k"}, {})
+    assert set(config.keys) == {"llm7"}
+
+
+def test_a_long_unknown_provider_name_is_not_echoed() -> None:
+    pasted_key = "sk-proj-" + "x7" * 96  # 200 characters: a key pasted as a provider name
+    for tokens, inference in (
+        ({pasted_key: "k"}, {}),
+        ({}, {"preferred_provider": pasted_key}),
+        ({}, {"preferred_models": {pasted_key: "m"}}),
+    ):
+        with pytest.raises(InvalidTenantConfigError) as info:
+            parse_tenant_config(T, tokens, inference)
+        text = f"{info.value} {info.value.field} {info.value.reason}"
+        assert "x7x7" not in text, text
+        assert "'sk-proj-…' (200 characters)" in info.value.reason
+
+
+def test_rate_limits_have_one_validation() -> None:
+    limits = parse_rate_limits(T, '{"Groq (Llama)": {"requests_per_minute": 10}, "llm7": null}')
+    assert set(limits) == {"groq"} and limits["groq"].requests_per_minute == 10
+    assert parse_rate_limits(T, None) == {}
+    with pytest.raises(InvalidTenantConfigError) as info:
+        parse_rate_limits(T, {"groq": {"tokens_per_minute": True}})
+    assert str(info.value) == (
+        f"tenant {T}: invalid inference_config.rate_limits.groq.tokens_per_minute:"
+        " expected an integer, got a boolean"
+    )

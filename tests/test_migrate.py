@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import asyncpg
+import pytest
 
+from llm_gateway.errors import DatabaseError
 from llm_gateway.migrate import apply_migrations, load_migrations
 from tests.conftest import ADMIN_DSN, _drop, _dsn_for
 
@@ -31,6 +33,31 @@ async def test_adopts_an_existing_tenants_table() -> None:
         assert row is not None
         assert row["plan"] == "pro"
         assert row["llm_tokens"] == "{}" and row["inference_config"] == "{}"
+        await conn.close()
+    finally:
+        await _drop(name)
+
+
+async def test_refuses_a_tenants_table_whose_id_is_not_a_uuid() -> None:
+    name = "llmgw_test_adopt_" + __import__("uuid").uuid4().hex[:8]
+    admin = await asyncpg.connect(ADMIN_DSN)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    try:
+        conn = await asyncpg.connect(_dsn_for(name))
+        await conn.execute("CREATE TABLE tenants (id bigint PRIMARY KEY, name text)")
+        with pytest.raises(DatabaseError) as info:
+            await apply_migrations(_dsn_for(name))
+        assert str(info.value) == (
+            "cannot adopt the existing tenants table: its id column is bigint, and the gateway"
+            " needs uuid (tenant ids are UUIDs); convert the column or use a uuid key"
+        )
+        # Nothing was changed: the adoption was rolled back, and nothing is recorded.
+        columns = await conn.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'tenants'"
+        )
+        assert {r["column_name"] for r in columns} == {"id", "name"}
+        assert await conn.fetchval("SELECT count(*) FROM llm_gateway_migrations") == 0
         await conn.close()
     finally:
         await _drop(name)

@@ -97,10 +97,8 @@ async def test_revoked_tenant_key_affects_only_that_tenant(
             by_tenant.setdefault(t, set()).add(r.provider)
         assert by_tenant[tenant_a] == {"llm7"}
         assert all(by_tenant[t] == {"groq"} for t in [*others, *keyless])
-        from llm_gateway import ApiKey
-
-        revoked = ApiKey("revoked-key-of-a", "tenant").fingerprint
-        system = ApiKey("system-groq", "system").fingerprint
+        revoked = router.key_fingerprint("revoked-key-of-a")
+        system = router.key_fingerprint("system-groq")
         assert (
             health[revoked]["state"] == "open"
             and health[revoked]["last_error"] == "AuthenticationError"

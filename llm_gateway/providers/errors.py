@@ -97,7 +97,7 @@ def _body_message(exc: Any) -> str:
 
 def _scrub(message: str, key: ApiKey | None) -> str:
     if key is not None:
-        message = message.replace(key.reveal(), f"<key {key.fingerprint}>")
+        message = message.replace(key.reveal(), f"<{key.source} key>")
     return message[:_MAX_MESSAGE]
 
 
