@@ -198,12 +198,13 @@ class TenantLLMRouter:
         tid = as_tenant_id(tenant_id)
         route = await self._store.get(tid)
         while True:
-            now = time.monotonic()
+            # Health times come from the registry's clock (injectable), deadlines from ours.
+            now = self._health.clock()
             chain = order_chain(route, self._health, estimated_tokens, now)
             if chain:
                 return tid, chain
             wait = rate_limit_wait(route, self._health, now)
-            if wait is None or now + wait > deadline:
+            if wait is None or time.monotonic() + wait > deadline:
                 # Only now are the reasons worth collecting.
                 skipped: dict[str, str] = {}
                 order_chain(route, self._health, estimated_tokens, now, skipped)
@@ -389,7 +390,7 @@ class TenantLLMRouter:
         if not self._started:
             await self.start()
         route = await self._store.get(as_tenant_id(tenant_id))
-        return explain_route(route, self._health, estimated_tokens, time.monotonic())
+        return explain_route(route, self._health, estimated_tokens, self._health.clock())
 
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:
