@@ -5,21 +5,33 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from llm_gateway import (
     AllProvidersFailedError,
     ApiKey,
+    ConfigUnavailableError,
     DeadlineExceededError,
     HealthRegistry,
     TenantLLMRouter,
     provider_settings,
 )
 from llm_gateway.simulator import SimulatedProvider
-from tests.conftest import make_tenant
+from tests.conftest import _create, _drop, _dsn_for, make_tenant
 
 MSG = [{"role": "user", "content": "hi"}]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until ``predicate()`` holds (a wide bound: it returns as soon as it does)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
 
 
 class FakeClock:
@@ -198,3 +210,72 @@ async def test_last_provider_waits_out_a_short_retry_after(
                 error = exc
             assert time.monotonic() - started < 10.0
             assert [a.outcome for a in error.attempts] == ["rate_limit"]
+
+
+async def test_cancelled_call_writes_a_cancelled_row(pg_dsn: str, pg: asyncpg.Connection) -> None:
+    """The caller gives up on a non-streamed call: one ``cancelled`` row, and the key's
+    health is untouched (a cancellation says nothing about the provider)."""
+    async with SimulatedProvider(name="g", latency_ms=60_000) as g:
+        providers = {"groq": provider_settings("groq", g.root_url, api_key="sys-g")}
+        t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
+        async with TenantLLMRouter(pg_dsn, providers=providers) as router:
+            task = asyncio.create_task(
+                router.complete_for_tenant(t, MSG, endpoint="/api/cancel", user_id="u-9")
+            )
+            await eventually(lambda: len(g.requests) == 1)  # the attempt reached the provider
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            [state] = [h for h in router.health() if h["provider"] == "groq"]
+            assert (state["state"], state["failures"], state["last_error"]) == ("closed", 0, None)
+            g.latency_ms = 0
+            assert (await router.complete_for_tenant(t, MSG)).provider == "groq"
+        # close() drained the queue: both rows are in PostgreSQL now.
+        rows = await pg.fetch(
+            "SELECT status, provider, endpoint, user_id, attempt, key_source, input_tokens"
+            " FROM model_usage_stats WHERE tenant_id = $1 AND endpoint = '/api/cancel'",
+            t,
+        )
+    assert [dict(r) for r in rows] == [
+        {
+            "status": "cancelled",
+            "provider": "groq",
+            "endpoint": "/api/cancel",
+            "user_id": "u-9",
+            "attempt": 1,
+            "key_source": "system",
+            "input_tokens": None,
+        }
+    ]
+
+
+async def test_stale_if_error_zero_fails_once_the_ttl_expired(pg_dsn: str) -> None:
+    """With ``stale_if_error=0`` a database outage is not hidden: once the cached config's
+    TTL has passed, the request fails with ConfigUnavailableError. The default serves the
+    last known config instead (shown side by side)."""
+    name = f"llmgw_test_stale_{uuid.uuid4().hex[:8]}"
+    await _create(name)
+    dsn = _dsn_for(name)
+    async with SimulatedProvider(name="g") as g:
+        providers = {"groq": provider_settings("groq", g.root_url, api_key="sys-g")}
+        strict = TenantLLMRouter(
+            dsn, providers=providers, record_usage=False, cache_ttl=0.2, stale_if_error=0
+        )
+        lenient = TenantLLMRouter(dsn, providers=providers, record_usage=False, cache_ttl=0.2)
+        try:
+            conn = await asyncpg.connect(dsn)
+            t = await make_tenant(conn, inference_config={"preferred_provider": "groq"})
+            await conn.close()
+            for router in (strict, lenient):
+                assert (await router.complete_for_tenant(t, MSG)).provider == "groq"
+            await _drop(name)  # the config database is gone; its connections are terminated
+            await asyncio.sleep(0.5)  # past the 0.2 s TTL (load only makes the wait longer)
+            with pytest.raises(ConfigUnavailableError) as info:
+                await strict.complete_for_tenant(t, MSG)
+            assert str(t) in str(info.value)
+            assert (await lenient.complete_for_tenant(t, MSG)).provider == "groq"
+            assert len(g.requests) == 3  # the strict router's failed request reached no one
+        finally:
+            await strict.close()
+            await lenient.close()
+            await _drop(name)
