@@ -31,6 +31,7 @@ from .chain import (
 from .config import TenantConfig
 from .errors import (
     DatabaseError,
+    GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
     RouterClosedError,
@@ -266,12 +267,13 @@ class TenantLLMRouter:
         """The chain to try now. When every usable key is only waiting out a 429's
         Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing."""
         while True:
-            now = time.monotonic()
+            # Health times come from the registry's clock (injectable), deadlines from ours.
+            now = self._health.clock()
             chain = order_chain(route, self._health, estimated_tokens, now)
             if chain:
                 return chain
             wait = rate_limit_wait(route, self._health, now)
-            if wait is None or now + wait > deadline:
+            if wait is None or time.monotonic() + wait > deadline:
                 # Only now are the reasons worth collecting.
                 skipped: dict[str, str] = {}
                 order_chain(route, self._health, estimated_tokens, now, skipped)
@@ -431,7 +433,7 @@ class TenantLLMRouter:
         if not self._started:
             await self.start()
         route = await self._store.get(as_tenant_id(tenant_id))
-        return explain_route(route, self._health, estimated_tokens, time.monotonic())
+        return explain_route(route, self._health, estimated_tokens, self._health.clock())
 
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:

@@ -132,7 +132,7 @@ async def test_stall_before_first_token_fails_over_within_ttft(  # type: ignore[
     first.fail_with = "stall_before_first"
     t = await tenant(pg)
     async with (
-        TenantLLMRouter(pg_dsn, providers=providers(first, second), ttft_timeout=0.3) as router,
+        TenantLLMRouter(pg_dsn, providers=providers(first, second), ttft_timeout=2.0) as router,
         await router.stream_for_tenant(t, MSG) as stream,
     ):
         text = "".join([c.content async for c in stream])
@@ -146,7 +146,7 @@ async def test_stall_after_first_chunk_then_no_pool_exhaustion(  # type: ignore[
     first, second = two
     t = await tenant(pg)
     settings = providers(first, second, max_connections=3, max_keepalive=3)
-    async with TenantLLMRouter(pg_dsn, providers=settings, chunk_timeout=0.3) as router:
+    async with TenantLLMRouter(pg_dsn, providers=settings, chunk_timeout=2.0) as router:
         first.fail_with = "stall_after_first"
         for _ in range(3):
             stream = await router.stream_for_tenant(t, MSG)

@@ -245,7 +245,7 @@ async def test_close_deadline_spools_what_postgres_does_not_take(
         await eventually(lambda: tracker.stats.in_flight == 400)
         started = time.monotonic()
         backlog = await tracker.close(timeout=0.5)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10  # wide: without the deadline it never returns
         assert (backlog.queued, backlog.spooled_rows, backlog.written_rows) == (0, 400, 0)
     finally:
         await tx.rollback()

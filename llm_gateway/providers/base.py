@@ -121,7 +121,7 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Provide
         if not base_url:
             continue
         model = env.get("LOCAL_LLM_MODEL", d.default_model) if name == "local" else d.default_model
-        key = env.get(d.key_env) or None
+        key = (env.get(d.key_env) or "").strip() or None  # a blank variable is no key
         found[name] = ProviderSettings(
             name=name,
             family=d.family,
