@@ -115,19 +115,23 @@ def test_installed_layout_imports_cleanly(tmp_path: Path) -> None:
     assert Path(proc.stdout.strip()).resolve() == ROOT / "usage" / "__init__.py"
 
 
-def test_unreachable_postgres_stops_with_one_line() -> None:
+def _pytest_without_postgres(test_file: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "TEST_DATABASE_URL": "postgresql://postgres:s3cret-pw@127.0.0.1:1/postgres",
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_migrate.py"],
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_unreachable_postgres_stops_with_one_line() -> None:
+    proc = _pytest_without_postgres("tests/test_migrate.py")
     output = proc.stdout + proc.stderr
     assert proc.returncode not in (0, 1), output  # not "passed", not "tests failed"
     assert "Traceback" not in output, output
@@ -136,3 +140,8 @@ def test_unreachable_postgres_stops_with_one_line() -> None:
     assert len(lines) == 1, output
     assert "127.0.0.1:1" in lines[0]
     assert "s3cret-pw" not in output
+
+
+def test_tests_without_postgres_run_without_it() -> None:
+    proc = _pytest_without_postgres("tests/test_config.py")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
