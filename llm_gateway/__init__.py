@@ -6,6 +6,9 @@ async with TenantLLMRouter(dsn) as router:
 
 from __future__ import annotations
 
+# First, before anything imports ``usage``: a user's own usage.py beside their script must fail
+# with the cause and the fix, not with "cannot import name ... from 'usage'".
+from . import _layout  # noqa: F401  (runs the check on import)
 from .config import InferenceConfig, TenantConfig, normalize_provider
 from .default import (
     close_tenant_router,

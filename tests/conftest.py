@@ -1,6 +1,9 @@
 """Shared fixtures: a throw-away PostgreSQL database per test session, with migrations applied.
 
-PostgreSQL is found through ``TEST_DATABASE_URL`` (default: the local server, trust auth).
+PostgreSQL is found through ``TEST_DATABASE_URL`` (default: the local server, trust auth). When
+any selected test needs it (uses ``pg_dsn``/``pg`` or the module imports ``ADMIN_DSN``), the server
+is probed once after collection; if it cannot be reached the run stops with one line saying where
+it looked and what to set, instead of one connection traceback per test.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -16,6 +20,43 @@ import pytest
 from llm_gateway.migrate import apply_migrations
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# Bounds the probe: a firewalled host would otherwise hang for asyncpg's 60 s default.
+PROBE_TIMEOUT = 10.0
+
+
+def _redacted(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+async def _probe() -> None:
+    conn = await asyncpg.connect(ADMIN_DSN, timeout=PROBE_TIMEOUT)
+    await conn.close()
+
+
+def _needs_postgres(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    return "pg_dsn" in getattr(item, "fixturenames", ()) or hasattr(module, "ADMIN_DSN")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop the run with one line if the selected tests need a PostgreSQL that is not there."""
+    if session.config.option.collectonly or not any(map(_needs_postgres, session.items)):
+        return
+    try:
+        asyncio.run(_probe())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        pytest.exit(
+            f"cannot connect to PostgreSQL at {_redacted(ADMIN_DSN)} ({reason}). Start it there,"
+            " or set TEST_DATABASE_URL to a server where this user may CREATE DATABASE.",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 def _dsn_for(database: str) -> str:
