@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Sequence
 
@@ -41,11 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "db":
+            from .dsn import dsn_source
             from .migrate import apply_migrations
-            from .router import DEFAULT_DSN
 
-            dsn = args.dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
-            applied = asyncio.run(apply_migrations(dsn))
+            dsn, check = dsn_source(args.dsn)
+            applied = asyncio.run(apply_migrations(dsn, check=check))
             print(f"applied migrations: {applied}" if applied else "schema is up to date")
             return 0
         if args.command == "simulate":

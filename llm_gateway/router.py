@@ -25,8 +25,8 @@ from .chain import (
     rate_limit_wait,
 )
 from .config import TenantConfig
+from .dsn import create_pool_checked, validate_dsn
 from .errors import (
-    DatabaseError,
     GatewayError,
     NoProviderAvailableError,
     ProviderError,
@@ -89,6 +89,8 @@ class TenantLLMRouter:
         price_book: PriceBook | None = None,
     ) -> None:
         self.dsn = dsn or os.environ.get("DATABASE_URL") or DEFAULT_DSN
+        if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
+            validate_dsn(self.dsn, check="dsn= or DATABASE_URL")  # ConfigError now, not asyncpg's
         self.timeout = timeout
         self.attempt_timeout = attempt_timeout
         self.ttft_timeout = ttft_timeout
@@ -128,13 +130,9 @@ class TenantLLMRouter:
             if self._closed:
                 raise GatewayError("router is closed")
             if self._pool is None:
-                try:
-                    self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4)
-                except (OSError, asyncpg.PostgresError) as exc:
-                    raise DatabaseError(
-                        f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc});"
-                        " set DATABASE_URL or pass dsn="
-                    ) from exc
+                self._pool = await create_pool_checked(
+                    self.dsn, check="dsn= or DATABASE_URL", min_size=1, max_size=4
+                )
             if self._record_usage:
                 if self._tracker is None:
                     self._tracker = ModelUsageTracker(self.dsn, price_book=self._prices)
