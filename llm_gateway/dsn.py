@@ -71,7 +71,7 @@ def mask_dsn(dsn: str) -> str:
 
 def _check_port(text: str, masked: str) -> None:
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise InvalidDsnError(f"invalid DSN {masked}: port {text!r} is not a number in 1-65535")
+        raise InvalidDsnError(f"invalid DSN {masked!r}: port {text!r} is not a number in 1-65535")
 
 
 def validate_dsn(dsn: str, *, check: str | None = None) -> str:
@@ -108,21 +108,21 @@ def _validate(dsn: str) -> str:
     try:
         parts = urlsplit(dsn)
     except ValueError as exc:
-        raise InvalidDsnError(f"invalid DSN {masked}: {exc}") from None
+        raise InvalidDsnError(f"invalid DSN {masked!r}: {exc}") from None
     if parts.scheme not in _SCHEMES:
         got = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise InvalidDsnError(
-            f"invalid DSN {masked}: {got}; expected postgresql://user:password@host:5432/database"
+            f"invalid DSN {masked!r}: {got}; expected postgresql://user:password@host:5432/database"
         )
     hosts = parts.netloc.rpartition("@")[2]
     for host in hosts.split(",") if hosts else ():
         if host.startswith("["):
             end = host.find("]")
             if end < 0:
-                raise InvalidDsnError(f"invalid DSN {masked}: unclosed '[' in host {host!r}")
+                raise InvalidDsnError(f"invalid DSN {masked!r}: unclosed '[' in host {host!r}")
             rest = host[end + 1 :]
             if rest and not rest.startswith(":"):
-                raise InvalidDsnError(f"invalid DSN {masked}: junk after IPv6 host {host!r}")
+                raise InvalidDsnError(f"invalid DSN {masked!r}: junk after IPv6 host {host!r}")
             port = rest[1:]
         else:
             port = host.partition(":")[2]
@@ -174,7 +174,7 @@ def _classify(exc: BaseException, dsn: str, timeout: float, check: str) -> Datab
     elif isinstance(exc, asyncpg.InvalidCatalogNameError):
         kind = "database_missing"
         message = (
-            f"PostgreSQL at {target}: database {database!r} does not exist ({cause});"
+            f"PostgreSQL at {target}: database {database!r} does not exist;"
             f" create it or name an existing database in {check}"
         )
     elif isinstance(
@@ -217,7 +217,7 @@ async def connect_checked(
         # shared across the hosts of a multi-host DSN; its default is 60 s.
         return await asyncpg.connect(dsn, timeout=timeout, **kwargs)
     except _CONFIG_ERRORS as exc:
-        raise InvalidDsnError(f"invalid DSN {mask_dsn(dsn)}: {exc}; check {check}") from None
+        raise InvalidDsnError(f"invalid DSN {mask_dsn(dsn)!r}: {exc}; check {check}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise _classify(exc, dsn, timeout, check) from exc
 
@@ -235,6 +235,6 @@ async def create_pool_checked(
     try:
         return await asyncpg.create_pool(dsn, timeout=timeout, **kwargs)
     except _CONFIG_ERRORS as exc:
-        raise InvalidDsnError(f"invalid DSN {mask_dsn(dsn)}: {exc}; check {check}") from None
+        raise InvalidDsnError(f"invalid DSN {mask_dsn(dsn)!r}: {exc}; check {check}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise _classify(exc, dsn, timeout, check) from exc
