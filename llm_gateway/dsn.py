@@ -147,7 +147,7 @@ def with_database(dsn: str, database: str) -> str:
             "database",
         }
     ]
-    return urlunsplit(parts._replace(path=f"/{database}", query=urlencode(query)))
+    return urlunsplit(parts._replace(path=f"/{database}", query=urlencode(query, safe="/")))
 
 
 def _user_and_db(dsn: str) -> tuple[str, str]:

@@ -93,10 +93,10 @@ def plan_embedded(
     base = temp / f"llm-gateway-demo-{euid}"
     return EmbeddedPlan(
         base / "pgdata",
-        base / "pginstall",
+        base / "binaries",
         f"{cause}: root in a container, so starting an embedded PostgreSQL as system user"
-        f" {_SYSTEM_USER!r} (created if absent) with binaries copied to {base / 'pginstall'}"
-        f" and data in {base / 'pgdata'}; no other folder's permissions change",
+        f" {_SYSTEM_USER!r} (created if absent), binaries copied to {base / 'binaries'},"
+        f" data in {base / 'pgdata'}; no other folder's permissions change",
     )
 
 
@@ -117,20 +117,27 @@ def _import_pgserver() -> ModuleType:
 
 
 def _use_copied_binaries(target: Path) -> None:
-    """Copy pgserver's ``pginstall`` to ``target`` (once) and point pgserver at the copy."""
+    """Copy pgserver's binaries under ``target`` (once) and point pgserver at the copy.
+
+    The wheel's binaries find their shared libraries through an RPATH relative to themselves
+    (``$ORIGIN/../../../pgserver.libs``), so the copy keeps that layout.
+    """
     commands = importlib.import_module("pgserver._commands")
     server = importlib.import_module("pgserver.postgres_server")
-    source = Path(commands.POSTGRES_BIN_PATH).parent
-    stamp = f"{source} {(source / 'bin' / 'postgres').stat().st_mtime_ns}\n"
+    install = Path(commands.POSTGRES_BIN_PATH).parent  # .../site-packages/pgserver/pginstall
+    libs = install.parent.parent / "pgserver.libs"
+    stamp = f"{install} {(install / 'bin' / 'postgres').stat().st_mtime_ns}\n"
     marker = target / ".copied-from"
     if not marker.is_file() or marker.read_text() != stamp:
         shutil.rmtree(target, ignore_errors=True)
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        shutil.copytree(source, target, symlinks=True)
+        target.mkdir(mode=0o755, parents=True)
+        shutil.copytree(install, target / "pgserver" / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, target / "pgserver.libs", symlinks=True)
         marker.write_text(stamp)
     # Both modules read the path at call time: initdb/pg_ctl, and the permission fix-ups.
     for module in (commands, server):
-        vars(module)["POSTGRES_BIN_PATH"] = target / "bin"
+        vars(module)["POSTGRES_BIN_PATH"] = target / "pgserver" / "pginstall" / "bin"
 
 
 def start_embedded(cause: str) -> tuple[str, Path]:
