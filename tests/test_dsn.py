@@ -109,7 +109,7 @@ def test_good_dsns_pass_unchanged(dsn: str) -> None:
 
 def test_with_database_keeps_credentials_host_and_query() -> None:
     got = with_database("postgresql://u:p@h:1/postgres?host=/s&dbname=x", "demo")
-    assert got == "postgresql://u:p@h:1/demo?host=%2Fs"
+    assert got == "postgresql://u:p@h:1/demo?host=/s"
 
 
 def test_router_rejects_a_bad_dsn_with_config_error() -> None:
