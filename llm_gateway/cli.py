@@ -40,12 +40,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "db":
-            from usage.tracker import resolve_dsn
-
+            from .dsn import dsn_source
             from .migrate import apply_migrations
 
-            dsn = resolve_dsn(args.dsn)
-            applied = asyncio.run(apply_migrations(dsn))
+            dsn, check = dsn_source(args.dsn)
+            applied = asyncio.run(apply_migrations(dsn, check=check))
             print(f"applied migrations: {applied}" if applied else "schema is up to date")
             return 0
         if args.command == "simulate":

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
+from .dsn import CONNECT_TIMEOUT, DatabaseConnectError, connect_checked
 from .errors import DatabaseError
 
 __all__ = ["Migration", "apply_migrations", "load_migrations", "sql_dir"]
@@ -82,17 +83,27 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def apply_migrations(dsn: str, *, directory: Path | None = None) -> list[int]:
+async def apply_migrations(
+    dsn: str,
+    *,
+    directory: Path | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    check: str = "DATABASE_URL",
+) -> list[int]:
     """Apply every migration not yet recorded in ``llm_gateway_migrations``.
 
     Each migration runs in its own transaction under an advisory lock. Returns the versions
-    applied by this call (empty when the schema is current).
+    applied by this call (empty when the schema is current). Connecting is bounded by
+    ``connect_timeout``; a bad DSN raises :class:`~llm_gateway.dsn.InvalidDsnError`, a failed
+    connect :class:`~llm_gateway.dsn.DatabaseConnectError` naming the cause and ``check``.
     """
     migrations = load_migrations(directory)
     try:
-        conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL to migrate: {exc}") from exc
+        conn = await connect_checked(dsn, connect_timeout, check=check)
+    except DatabaseConnectError as exc:
+        raise DatabaseConnectError(
+            f"cannot connect to PostgreSQL to migrate: {exc}", kind=exc.kind, target=exc.target
+        ) from exc
     applied: list[int] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)

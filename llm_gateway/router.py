@@ -29,8 +29,8 @@ from .chain import (
     rate_limit_wait,
 )
 from .config import TenantConfig
+from .dsn import create_pool_checked, validate_dsn
 from .errors import (
-    DatabaseError,
     GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
@@ -113,6 +113,8 @@ class TenantLLMRouter:
         fingerprint_key: str | None = None,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
+        if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
+            validate_dsn(self.dsn, check="dsn= or DATABASE_URL")  # ConfigError now, not asyncpg's
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._spool_dir = spool_dir
@@ -160,15 +162,13 @@ class TenantLLMRouter:
             if self._closed:
                 raise RouterClosedError("router is closed")
             if self._pool is None:
-                try:
-                    self._pool = await asyncpg.create_pool(
-                        self.dsn, min_size=1, max_size=4, timeout=self.connect_timeout
-                    )
-                except (OSError, asyncpg.PostgresError) as exc:
-                    raise DatabaseError(
-                        f"cannot connect to PostgreSQL ({type(exc).__name__}: {exc});"
-                        " set DATABASE_URL or pass dsn="
-                    ) from exc
+                self._pool = await create_pool_checked(
+                    self.dsn,
+                    self.connect_timeout,
+                    check="dsn= or DATABASE_URL",
+                    min_size=1,
+                    max_size=4,
+                )
             if self._fingerprint is None:
                 self._fingerprint = await deployment_fingerprinter(
                     self._pool, self._fingerprint_key
