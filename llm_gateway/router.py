@@ -15,6 +15,7 @@ import asyncpg
 from usage import ModelUsageTracker
 from usage.pricing import PriceBook, default_price_book
 
+from ._defaults import DEFAULT_DSN
 from .attempts import RequestLedger
 from .chain import (
     ChainEntry,
@@ -39,8 +40,6 @@ from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
 from .types import CompletionResult, TaskType
 
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
-
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class TenantLLMRouter:

@@ -5,13 +5,15 @@
 ...     sim.script("429", "ok")   # next request rate-limited, the one after answers
 
 Behaviour names (``fail_with=``, :meth:`SimulatedProvider.script`) are listed in
-:data:`BEHAVIOURS`; see :mod:`.behaviour`. From a shell: ``python -m llm_gateway.simulator``.
+:data:`BEHAVIOURS`; see :mod:`.behaviour`. From a shell: ``llm-gateway simulate`` (also
+``python -m llm_gateway.simulator``; ``--help`` lists the options).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 
 from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour
@@ -43,7 +45,10 @@ def run_simulator(
     """Serve a :class:`SimulatedProvider` until SIGINT/SIGTERM (blocking; for the CLI).
 
     Prints the base URL (``http://HOST:PORT/v1``) on its own line on stdout once listening.
+    Raises :class:`ValueError` for an argument out of range (before listening) and
+    :class:`OSError` when the address cannot be bound (e.g. the port is in use).
     """
+    _check_options(port, latency_ms=latency_ms, retry_after=retry_after)
     sim = SimulatedProvider(
         name=name,
         host=host,
@@ -59,6 +64,16 @@ def run_simulator(
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_until_signalled(sim))
+
+
+def _check_options(port: int, *, latency_ms: float, retry_after: float | None) -> None:
+    """What :class:`SimulatedProvider` leaves to its caller (it checks fail_rate/fail_with)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be within 0..65535, not {port}")
+    if not (math.isfinite(latency_ms) and latency_ms >= 0):
+        raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms}")
+    if retry_after is not None and not (math.isfinite(retry_after) and retry_after >= 0):
+        raise ValueError(f"retry_after must be a finite number >= 0 or None, not {retry_after}")
 
 
 async def _serve_until_signalled(sim: SimulatedProvider) -> None:
