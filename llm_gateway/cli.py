@@ -180,12 +180,18 @@ def _simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
             flavor=args.flavor,
         )
-    except OSError as exc:  # port in use, address not available, unknown host
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
-        where = f"{args.host}:{args.port}"
-        print(f"llm-gateway: cannot listen on {where}: {reason or exc}", file=sys.stderr)
+    except BrokenPipeError:  # stdout's reader went away: main() handles it
+        raise
+    except OSError as exc:  # e.g. "cannot listen on 127.0.0.1:8089: Address already in use"
+        print(f"llm-gateway: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _flushed(code: int) -> int:
+    """``code``, once stdout is flushed: a closed pipe fails here, not at interpreter exit."""
+    sys.stdout.flush()
+    return code
 
 
 def _quiet_broken_pipe() -> int:
@@ -222,12 +228,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-
-
-def _flushed(code: int) -> int:
-    """``code``, once stdout is flushed: a closed pipe fails here, not at interpreter exit."""
-    sys.stdout.flush()
-    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

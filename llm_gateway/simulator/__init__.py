@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 
 from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour
@@ -63,7 +64,7 @@ def run_simulator(
         record_requests=False,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_until_signalled(sim))
+        asyncio.run(_serve_until_signalled(sim, port))
 
 
 def _check_options(port: int, *, latency_ms: float, retry_after: float | None) -> None:
@@ -76,7 +77,16 @@ def _check_options(port: int, *, latency_ms: float, retry_after: float | None) -
         raise ValueError(f"retry_after must be a finite number >= 0 or None, not {retry_after}")
 
 
-async def _serve_until_signalled(sim: SimulatedProvider) -> None:
+async def _listen(sim: SimulatedProvider, port: int) -> None:
+    """Start ``sim``; a failure to bind says where (the CLI prints it as one line)."""
+    try:
+        await sim.start()
+    except OSError as exc:  # port in use, address not available, unknown host
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise OSError(exc.errno, f"cannot listen on {sim.host}:{port}: {reason or exc}") from exc
+
+
+async def _serve_until_signalled(sim: SimulatedProvider, port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -87,9 +97,12 @@ async def _serve_until_signalled(sim: SimulatedProvider) -> None:
         except (NotImplementedError, RuntimeError, ValueError):  # Windows / not main thread
             pass
     try:
-        async with sim:
+        await _listen(sim, port)
+        try:
             print(sim.base_url, flush=True)
             await stop.wait()
+        finally:
+            await sim.close()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
