@@ -5,13 +5,16 @@
 ...     sim.script("429", "ok")   # next request rate-limited, the one after answers
 
 Behaviour names (``fail_with=``, :meth:`SimulatedProvider.script`) are listed in
-:data:`BEHAVIOURS`; see :mod:`.behaviour`. From a shell: ``python -m llm_gateway.simulator``.
+:data:`BEHAVIOURS`; see :mod:`.behaviour`. From a shell: ``llm-gateway simulate`` (also
+``python -m llm_gateway.simulator``; ``--help`` lists the options).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import os
 import signal
 
 from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour
@@ -43,7 +46,10 @@ def run_simulator(
     """Serve a :class:`SimulatedProvider` until SIGINT/SIGTERM (blocking; for the CLI).
 
     Prints the base URL (``http://HOST:PORT/v1``) on its own line on stdout once listening.
+    Raises :class:`ValueError` for an argument out of range (before listening) and
+    :class:`OSError` when the address cannot be bound (e.g. the port is in use).
     """
+    _check_options(port, latency_ms=latency_ms, retry_after=retry_after)
     sim = SimulatedProvider(
         name=name,
         host=host,
@@ -58,10 +64,29 @@ def run_simulator(
         record_requests=False,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_until_signalled(sim))
+        asyncio.run(_serve_until_signalled(sim, port))
 
 
-async def _serve_until_signalled(sim: SimulatedProvider) -> None:
+def _check_options(port: int, *, latency_ms: float, retry_after: float | None) -> None:
+    """What :class:`SimulatedProvider` leaves to its caller (it checks fail_rate/fail_with)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be within 0..65535, not {port}")
+    if not (math.isfinite(latency_ms) and latency_ms >= 0):
+        raise ValueError(f"latency_ms must be a finite number >= 0, not {latency_ms}")
+    if retry_after is not None and not (math.isfinite(retry_after) and retry_after >= 0):
+        raise ValueError(f"retry_after must be a finite number >= 0 or None, not {retry_after}")
+
+
+async def _listen(sim: SimulatedProvider, port: int) -> None:
+    """Start ``sim``; a failure to bind says where (the CLI prints it as one line)."""
+    try:
+        await sim.start()
+    except OSError as exc:  # port in use, address not available, unknown host
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise OSError(exc.errno, f"cannot listen on {sim.host}:{port}: {reason or exc}") from exc
+
+
+async def _serve_until_signalled(sim: SimulatedProvider, port: int) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
@@ -72,9 +97,12 @@ async def _serve_until_signalled(sim: SimulatedProvider) -> None:
         except (NotImplementedError, RuntimeError, ValueError):  # Windows / not main thread
             pass
     try:
-        async with sim:
+        await _listen(sim, port)
+        try:
             print(sim.base_url, flush=True)
             await stop.wait()
+        finally:
+            await sim.close()
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
