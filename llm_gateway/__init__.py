@@ -6,12 +6,12 @@ async with TenantLLMRouter(dsn) as router:
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 # First, before anything imports ``usage``: a user's own usage.py beside their script must fail
 # with the cause and the fix, not with "cannot import name ... from 'usage'".
 from . import _layout  # noqa: F401  (runs the check on import)
-
-import importlib
-from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._defaults import DEFAULT_DSN

@@ -105,15 +105,10 @@ def _import_pgserver() -> ModuleType:
     # XDG_RUNTIME_DIR is unset and platformdirs warns, then uses a temp folder, which is fine.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-        try:
-            from platformdirs import RuntimeDirWarning
-
-            warnings.simplefilter("ignore", RuntimeDirWarning)
-        except ImportError:
-            pass
         import pgserver
 
-    return pgserver
+    module: ModuleType = pgserver
+    return module
 
 
 def _use_copied_binaries(target: Path) -> None:

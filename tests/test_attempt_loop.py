@@ -116,10 +116,8 @@ async def test_half_open_key_gets_exactly_one_probe_under_concurrency(  # type: 
     t = await prefer_groq(pg)
     health = HealthRegistry()
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), health=health) as router:
-        from llm_gateway import ApiKey
-
         # llm7's breaker has cooled down: half-open, the next attempt is its one probe.
-        health.get("llm7", ApiKey("sys-b", "system").fingerprint).half_open = True
+        health.get("llm7", router.key_fingerprint("sys-b")).half_open = True
         # groq fails slowly for everyone; the llm7 probe then takes long, so every other
         # request reaches llm7 while the probe is in flight.
         a.fail_with = Behaviour("503", latency_ms=300)
@@ -148,7 +146,7 @@ async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore
 ) -> None:
     from llm_gateway.attempts import RequestLedger, run_attempts
     from llm_gateway.chain import ChainEntry
-    from llm_gateway.keys import ApiKey
+    from llm_gateway.keys import ApiKey, Fingerprinter
     from llm_gateway.providers import create_provider
     from llm_gateway.types import TaskType
     from usage import ModelUsageTracker
@@ -158,9 +156,10 @@ async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore
     t = await make_tenant(pg)
     provider = create_provider(settings(a, b)["llm7"])
     key = ApiKey("sys-b", "system")
-    entry = ChainEntry("llm7", "gpt-4o-mini", key, "system", key.fingerprint, None, None)
+    fingerprint = Fingerprinter(b"test-deployment")(key)
+    entry = ChainEntry("llm7", "gpt-4o-mini", key, "system", fingerprint, None, None)
     health = HealthRegistry()
-    state = health.get("llm7", key.fingerprint)
+    state = health.get("llm7", fingerprint)
     state.half_open = True  # the next attempt is the probe
 
     class Buggy:
@@ -305,10 +304,8 @@ async def test_caller_metadata_is_namespaced(  # type: ignore[no-untyped-def]
         async with await router.stream_for_tenant(t, MSG, metadata=caller) as stream:
             async for _ in stream:
                 pass
+        fingerprint = router.key_fingerprint("sys-a")
     plain, streamed = await rows(pg, t)
-    from llm_gateway import ApiKey
-
-    fingerprint = ApiKey("sys-a", "system").fingerprint
     for row in (plain, streamed):
         meta = row["metadata"]
         assert (meta["key_fp"], meta["task_type"]) == (fingerprint, "chat")
