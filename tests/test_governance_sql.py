@@ -82,19 +82,27 @@ async def test_counters_follow_inserted_rows_only(pg: asyncpg.Connection) -> Non
     rows.append(_row(tenant, "1.000000", ts - timedelta(days=40)))
     await _insert(pg, rows, copy=False)
     assert await _spend(pg, tenant, "", "M") == Decimal("1.35")
-    assert await _spend(pg, tenant, "u:alice", "d") == Decimal("0.1")
-    assert await _spend(pg, tenant, "u:bob", "h") == Decimal("0.25")
-    assert await _spend(pg, tenant, "s", "m") == Decimal("0.25")
-    minutes = await pg.fetch(
+    assert await _spend(pg, tenant, "", "d") == Decimal("1.35")
+    assert await _spend(pg, tenant, "s", "h") == Decimal("0.25")
+    hours = await pg.fetch(
         "SELECT bucket, cost_usd FROM usage_spend_counters"
-        " WHERE tenant_id = $1 AND subject = '' AND grain = 'm' ORDER BY bucket",
+        " WHERE tenant_id = $1 AND subject = '' AND grain = 'h' ORDER BY bucket",
         tenant,
     )
-    assert [(r["bucket"], r["cost_usd"]) for r in minutes] == [
-        (ts.replace(second=0) - timedelta(days=40), Decimal("1.000000")),
-        (ts.replace(second=0), Decimal("0.100000")),
-        (ts.replace(second=0) + timedelta(minutes=1), Decimal("0.250000")),
+    # 07:59:30 and 08:00:30 fall in two hours; the row 40 days back in a third.
+    hour = ts.replace(minute=0, second=0)
+    assert [(r["bucket"], r["cost_usd"]) for r in hours] == [
+        (hour - timedelta(days=40), Decimal("1.000000")),
+        (hour, Decimal("0.100000")),
+        (hour + timedelta(hours=1), Decimal("0.250000")),
     ]
+    assert (
+        await pg.fetchval(
+            "SELECT count(*) FROM usage_spend_counters WHERE tenant_id = $1 AND subject LIKE 'u:%'",
+            tenant,
+        )
+        == 0
+    )
 
 
 async def _renew(

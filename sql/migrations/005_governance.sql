@@ -3,8 +3,10 @@
 
 -- Spend per tenant, per subject and per time grain, maintained from inserted usage rows by the
 -- trigger below: spend travels with the usage batches, and spooled rows count when replayed.
--- subject: '' the tenant as a whole, 'u:<user_id>' one end user, 's' the tenant's system-key use.
--- grain: 'm' minute, 'h' hour, 'd' day, 'M' calendar month (all UTC).
+-- subject: '' the tenant as a whole, 's' the tenant's system-key use. grain: 'h' hour, 'd' day,
+-- 'M' calendar month (all UTC). Per-user and sub-hour spend is read from the rows themselves
+-- (a user's rows of a period, an hour of a tenant's rows): counting them here too made each
+-- 5,000-row batch 2-3x slower to write (docs/design/governance.md).
 CREATE TABLE IF NOT EXISTS usage_spend_counters (
     tenant_id uuid        NOT NULL,
     subject   text        NOT NULL,
@@ -23,9 +25,9 @@ BEGIN
     SELECT r.tenant_id, s.subject, g.grain,
            date_trunc(g.unit, r."timestamp", 'UTC'), sum(r.estimated_cost_usd)
       FROM new_rows r
-     CROSS JOIN LATERAL (VALUES (''), ('u:' || r.user_id),
-                                (CASE WHEN r.key_source = 'system' THEN 's' END)) s (subject)
-     CROSS JOIN (VALUES ('m', 'minute'), ('h', 'hour'), ('d', 'day'), ('M', 'month'))
+     CROSS JOIN LATERAL (VALUES (''), (CASE WHEN r.key_source = 'system' THEN 's' END))
+                s (subject)
+     CROSS JOIN (VALUES ('h', 'hour'), ('d', 'day'), ('M', 'month'))
                 g (grain, unit)
      WHERE s.subject IS NOT NULL AND r.estimated_cost_usd > 0
      GROUP BY 1, 2, 3, 4
@@ -152,7 +154,7 @@ $$;
 CREATE OR REPLACE FUNCTION llm_gateway_prune_quota() RETURNS void
 LANGUAGE sql AS $$
     DELETE FROM usage_spend_counters
-     WHERE (grain IN ('m', 'h') AND bucket < now() - interval '2 days')
+     WHERE (grain = 'h' AND bucket < now() - interval '2 days')
         OR (grain = 'd' AND bucket < now() - interval '62 days')
         OR (grain = 'M' AND bucket < now() - interval '25 months');
     DELETE FROM quota_uses WHERE bucket < now() - interval '2 days';
