@@ -65,10 +65,13 @@ CREATE TABLE IF NOT EXISTS quota_uses (
 -- Renews every lease one process asks for, in one statement. p_requests is a JSON array of
 --   {"key", "kind": "rate", "limit", "window_s", "bucket_s", "want", "uses": [[epoch_s, n], ...]}
 --   {"key", "kind": "budget", "limit", "tenant_id", "subject", "grain", "start", "end", "want"}
+--   {"key", "kind": "budget", "source": "rows", "limit", "tenant_id", "user_id", "system_only",
+--    "start", "end", "want"}
 -- "want" is the whole amount the process wants to hold from now on (what it still holds
 -- unused plus more); for rates, "uses" are the slots it used since its last renewal, by bucket.
 -- Returns, per key: granted (the new lease), committed (uses in the window, or spend in the
--- period) and others (what other live processes hold).
+-- period), others and holders (what other live processes hold, and how many they are), oldest
+-- (rates: the epoch of the oldest use still in the window) and now (the server's clock).
 CREATE OR REPLACE FUNCTION llm_gateway_quota_renew(
     p_holder uuid, p_ttl_s double precision, p_requests jsonb
 ) RETURNS jsonb
@@ -81,6 +84,8 @@ DECLARE
     committed  double precision;
     others     double precision;
     granted    double precision;
+    holders    integer;
+    oldest     double precision;
     result     jsonb := '[]'::jsonb;
 BEGIN
     -- Keys in one order in every process: no deadlock between two renewals.
@@ -116,13 +121,26 @@ BEGIN
              WHERE limit_key = k
                AND bucket > now_ - make_interval(secs => (r ->> 'window_s')::double precision
                                                          + bucket_s);
+            SELECT extract(epoch FROM min(bucket)) INTO oldest FROM quota_uses
+             WHERE limit_key = k
+               AND bucket > now_ - make_interval(secs => (r ->> 'window_s')::double precision
+                                                         + bucket_s);
+        ELSIF r ->> 'source' = 'rows' THEN
+            -- A user's spend, or a period shorter than an hour: read from the rows.
+            SELECT coalesce(sum(estimated_cost_usd), 0) INTO committed FROM model_usage_stats
+             WHERE tenant_id = (r ->> 'tenant_id')::uuid
+               AND "timestamp" >= (r ->> 'start')::timestamptz
+               AND "timestamp" < (r ->> 'end')::timestamptz
+               AND (r ->> 'user_id' IS NULL OR user_id = r ->> 'user_id')
+               AND (NOT coalesce((r ->> 'system_only')::boolean, false)
+                    OR key_source = 'system');
         ELSE
             SELECT coalesce(sum(cost_usd), 0) INTO committed FROM usage_spend_counters
              WHERE tenant_id = (r ->> 'tenant_id')::uuid AND subject = r ->> 'subject'
                AND grain = r ->> 'grain'
                AND bucket >= (r ->> 'start')::timestamptz AND bucket < (r ->> 'end')::timestamptz;
         END IF;
-        SELECT coalesce(sum(amount), 0) INTO others FROM quota_leases
+        SELECT coalesce(sum(amount), 0), count(*) INTO others, holders FROM quota_leases
          WHERE limit_key = k AND holder <> p_holder AND expires_at >= now_;
         granted := greatest(0, least((r ->> 'want')::double precision,
                                      (r ->> 'limit')::double precision - committed - others));
@@ -137,7 +155,8 @@ BEGIN
         END IF;
         result := result || jsonb_build_object(
             'key', k, 'granted', granted, 'committed', committed, 'others', others,
-            'now', extract(epoch FROM now_));
+            'holders', holders, 'oldest', oldest, 'now', extract(epoch FROM now_));
+        oldest := NULL;
     END LOOP;
     RETURN result;
 END
