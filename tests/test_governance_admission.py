@@ -176,3 +176,71 @@ async def test_database_down_policies(policy: str) -> None:
         with pytest.raises(QuotaExceededError):
             await g.admit(plan, (), [PRICED], 10, 10)
     await dead.close()
+
+
+async def test_budget_alerts_fire_once_across_processes(
+    pool: asyncpg.Pool, pg: Any, pg_dsn: str
+) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from llm_gateway.governance.alerts import AlertSink
+
+    tenant, _ = plan_of({})
+    gov = Governance.model_validate({"budget": {"max_usd": 0.01, "alert_at": [0.5, 0.9, 1.0]}})
+    whole, system, providers = tenant_specs(tenant, gov)
+    plan = QuotaPlan(whole, system, providers)
+    await pg.execute(
+        "INSERT INTO model_usage_stats (id, tenant_id, provider, model_name, latency_ms,"
+        " estimated_cost_usd, status, timestamp)"
+        " VALUES ($1, $2, 'groq', 'm', 1, $3, 'success', $4)",
+        uuid.uuid4(),
+        tenant,
+        Decimal("0.006"),
+        datetime.now(UTC),
+    )
+    notices: list[str] = []
+    listener = await asyncpg.connect(pg_dsn)
+    await listener.add_listener("llm_gateway_events", lambda *a: notices.append(a[3]))
+    events: list[dict[str, Any]] = []
+
+    async def on_event(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    sinks = [AlertSink(lambda: pool, on_event) for _ in range(4)]
+    governors = [governor(pool, alerts=s) for s in sinks]
+    # $0.003 a request: after the $0.006 already spent, one fits; its renewal sees 60 %.
+    await governors[0].admit(plan, (), [PRICED], 1000, 1000)
+    await sinks[0].drain()
+    assert [e["threshold"] for e in events] == [0.5] and events[0]["type"] == "budget_alert"
+    # The others refuse: the first refusal fires 1.0; 0.5 and 1.0 are not fired again.
+    for g in governors[1:]:
+        with pytest.raises(BudgetExceededError):
+            await g.admit(plan, (), [PRICED], 1000, 1000)
+    for s in sinks:
+        await s.drain()
+    rows = await pg.fetch(
+        "SELECT scope, user_id, threshold, spent_usd, max_usd FROM budget_events"
+        " WHERE tenant_id = $1 ORDER BY threshold",
+        tenant,
+    )
+    assert [(r["scope"], r["user_id"], r["threshold"]) for r in rows] == [
+        ("tenant", None, 0.5),
+        ("tenant", None, 1.0),
+    ]
+    assert sorted(e["threshold"] for e in events) == [0.5, 1.0]
+    for _ in range(50):
+        if len(notices) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(json_threshold(n) for n in notices) == [0.5, 1.0]
+    await listener.close()
+
+
+def json_threshold(payload: str) -> float:
+    import json
+
+    body = json.loads(payload)
+    assert body["type"] == "budget_alert"
+    return float(body["threshold"])

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 
 import asyncpg
 
+from .alerts import AlertSink
 from .errors import BudgetExceededError, QuotaExceededError
 from .leases import LeaseClient
 from .ledger import Lease, Take
@@ -92,12 +93,14 @@ class Governor:
         renew_interval: float = 1.0,
         on_db_error: OnDbError = "open",
         retry_db_after: float = 1.0,
+        alerts: AlertSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         if on_db_error not in ("open", "closed"):
             raise ValueError(f"quota_on_db_error must be 'open' or 'closed', not {on_db_error!r}")
         self.client = client
+        self.alerts = alerts
         self.renew_interval = renew_interval
         self.on_db_error = on_db_error
         self.retry_db_after = retry_db_after
@@ -180,6 +183,8 @@ class Governor:
             answer = answers.get(key)
             if answer is not None:
                 lease.apply(answer, snapshot)
+                if lease.spec.alert_at:
+                    self._check_alerts(lease, lease.committed)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -368,10 +373,31 @@ class Governor:
                 return kept, cheapest
         return free, 0.0
 
+    def _check_alerts(self, lease: Lease, spent: float, refused: bool = False) -> None:
+        """Fire each threshold the spend reached (1.0 also on the first refusal), once."""
+        spec, bounds = lease.spec, lease.bounds
+        if self.alerts is None or bounds is None or spec.allowed <= 0:
+            return
+        for threshold in spec.alert_at:
+            reached = spent >= threshold * spec.allowed or (refused and threshold == 1.0)
+            if reached and threshold not in lease.alerted:
+                lease.alerted.add(threshold)
+                self.alerts.fire(
+                    tenant_id=spec.tenant_id,
+                    scope=spec.scope,
+                    user_id=spec.user_id,
+                    period_start=bounds.start,
+                    threshold=threshold,
+                    spent_usd=spent,
+                    max_usd=spec.allowed,
+                )
+
     def _refusal(self, spec: LimitSpec, detail: str) -> QuotaExceededError:
         self.refusals += 1
         at = datetime.fromtimestamp(self.wall(), UTC)
         lease = self.lease(spec, at)
+        if spec.kind == "budget" and spec.alert_at:
+            self._check_alerts(lease, lease.committed, refused=True)
         if spec.kind == "budget":
             bounds = lease.bounds or spec.bounds(at)
             retry_after = max(0.0, (bounds.end - at).total_seconds())

@@ -44,6 +44,7 @@ class Lease:
     demand: float = 0.0  # EWMA of the amount taken per second, to size the next lease
     bounds: PeriodBounds | None = None  # budgets: the period the lease belongs to
     known: bool = False  # at least one renewal answered
+    alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
 
     def room(self) -> float:
         """What this process may still admit from its lease."""

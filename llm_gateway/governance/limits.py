@@ -46,6 +46,7 @@ class LimitSpec:
     subject: str = ""  # spend counters: '' the tenant, 's' its system-key use
     period: str = "1mo"
     anchor: date = date(1970, 1, 1)
+    alert_at: tuple[float, ...] = ()  # budget fractions that fire an alert once per period
 
     @property
     def counts_tokens(self) -> bool:
@@ -74,7 +75,13 @@ def _rates(
 
 
 def _spend(
-    base: str, scope: str, tenant: uuid.UUID, spend: Spend, subject: str, user: str | None = None
+    base: str,
+    scope: str,
+    tenant: uuid.UUID,
+    spend: Spend,
+    subject: str,
+    user: str | None = None,
+    alert_at: tuple[float, ...] = (),
 ) -> Iterator[LimitSpec]:
     if spend.max_usd is None:
         return
@@ -89,6 +96,7 @@ def _spend(
         subject=subject,
         period=spend.period,
         anchor=spend.anchor,
+        alert_at=alert_at,
     )
 
 
@@ -100,7 +108,7 @@ def tenant_specs(
     whole: list[LimitSpec] = []
     if gov.budget is not None:
         budget: Budget = gov.budget
-        whole.extend(_spend(base, "tenant", tenant, budget, ""))
+        whole.extend(_spend(base, "tenant", tenant, budget, "", alert_at=budget.alert_at))
     if gov.limits is not None:
         whole.extend(_rates(base, "tenant", tenant, gov.limits))
     system: list[LimitSpec] = []

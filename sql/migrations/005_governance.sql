@@ -179,3 +179,19 @@ LANGUAGE sql AS $$
     DELETE FROM quota_uses WHERE bucket < now() - interval '2 days';
     DELETE FROM quota_leases WHERE expires_at < now() - interval '1 day';
 $$;
+
+-- Budget alerts: one row per tenant, scope, user, period and threshold, whichever process
+-- noticed first (the unique index decides); that process also sends the NOTIFY.
+CREATE TABLE IF NOT EXISTS budget_events (
+    id           bigserial   PRIMARY KEY,
+    tenant_id    uuid        NOT NULL,
+    scope        text        NOT NULL,
+    user_id      text,
+    period_start timestamptz NOT NULL,
+    threshold    double precision NOT NULL,
+    spent_usd    numeric     NOT NULL,
+    max_usd      numeric     NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS budget_events_once
+    ON budget_events (tenant_id, scope, (coalesce(user_id, '')), period_start, threshold);
