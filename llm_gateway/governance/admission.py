@@ -32,6 +32,9 @@ log = logging.getLogger("llm_gateway.governance")
 
 OnDbError = Literal["open", "closed"]
 IDLE_AFTER = 3.0  # seconds without a request before a lease is given back
+# After a renewal that could not grant what was asked, requests short of that lease are refused
+# without asking again for this long: refusals do not cost a statement each.
+SHORT_BACKOFF = 0.25
 
 
 class Entry(Protocol):
@@ -129,28 +132,29 @@ class Governor:
         """Renew the leases in ``needs`` (key -> amount wanted now), sharing a running renewal."""
         for key, amount in needs.items():
             self._wanted[key] = max(self._wanted.get(key, 0.0), amount)
-        while True:
-            running = self._renewing
-            if running is None:
-                break
+        running = self._renewing
+        if running is not None:
             await asyncio.shield(running)
             if all(self._leases[k].room() >= a for k, a in needs.items() if k in self._leases):
                 return
-            for key, amount in needs.items():
-                self._wanted[key] = max(self._wanted.get(key, 0.0), amount)
-        task = asyncio.get_running_loop().create_task(self._renew_now())
-        self._renewing = task
-        try:
-            await asyncio.shield(task)
-        finally:
-            if self._renewing is task:
-                self._renewing = None
+        running = self._renewing
+        if running is None:
+            running = asyncio.get_running_loop().create_task(self._renew_now())
+            self._renewing = running
+            running.add_done_callback(self._renewed)
+        await asyncio.shield(running)
+
+    def _renewed(self, task: asyncio.Task[None]) -> None:
+        if self._renewing is task:
+            self._renewing = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("quota lease renewal failed: %r", task.exception())
 
     async def _renew_now(self, release: Iterable[str] = ()) -> None:
         wanted, self._wanted = self._wanted, {}
         at = datetime.fromtimestamp(self.wall(), UTC)
         now = self.clock()
-        snapshots: dict[str, tuple[Lease, Any]] = {}
+        snapshots: dict[str, tuple[Lease, Any, float]] = {}
         requests = []
         released = set(release)
         for key, lease in list(self._leases.items()):
@@ -166,7 +170,7 @@ class Governor:
                     lease.reserved + lease.pending if lease.spec.kind == "budget" else 0
                 )
             requests.append(request)
-            snapshots[request["key"]] = (lease, snapshot)
+            snapshots[request["key"]] = (lease, snapshot, float(request["want"]))
             lease.renewed_at = now
         if not requests or now < self._db_down_until:
             return
@@ -179,10 +183,11 @@ class Governor:
                 type(exc).__name__,
             )
             return
-        for key, (lease, snapshot) in snapshots.items():
+        done = self.clock()
+        for key, (lease, snapshot, want) in snapshots.items():
             answer = answers.get(key)
             if answer is not None:
-                lease.apply(answer, snapshot)
+                lease.apply(answer, snapshot, want, done)
                 if lease.spec.alert_at:
                     self._check_alerts(lease, lease.committed)
 
@@ -205,8 +210,12 @@ class Governor:
         result = self._try_admit(plan, user_specs, entries, tokens_in, tokens_out, final=False)
         if isinstance(result, Admission):
             return result
-        if self.clock() >= self._db_down_until:
-            await self._renew(result[1])
+        now = self.clock()
+        needs = {
+            k: a for k, a in result[1].items() if now - self._leases[k].short_at >= SHORT_BACKOFF
+        }
+        if needs and now >= self._db_down_until:
+            await self._renew(needs)
         db_down = self.clock() < self._db_down_until
         result = self._try_admit(plan, user_specs, entries, tokens_in, tokens_out, final=True)
         if isinstance(result, Admission):
@@ -458,7 +467,9 @@ class Governor:
             charged = pending.pop(usage_id, None)
             if charged:
                 for lease, cost in charged:
+                    # The spend is now in the counters: it leaves the lease for good.
                     lease.pending = max(0.0, lease.pending - cost)
+                    lease.held = max(0.0, lease.held - cost)
 
     # --- background ----------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class Lease:
     demand: float = 0.0  # EWMA of the amount taken per second, to size the next lease
     bounds: PeriodBounds | None = None  # budgets: the period the lease belongs to
     known: bool = False  # at least one renewal answered
+    short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
     alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
 
     def room(self) -> float:
@@ -100,9 +101,11 @@ class Lease:
         want = self.reserved + self.pending + (need + slice_ if need or self.demand else 0.0)
         return budget_request(spec, bounds, want), bounds
 
-    def apply(self, answer: dict[str, Any], snapshot: Any) -> None:
+    def apply(self, answer: dict[str, Any], snapshot: Any, want: float, now: float) -> None:
         """Take in the renewal's answer; what was used meanwhile stays to be reported."""
         self.held = float(answer["granted"])
+        if self.held + 1e-12 < want:
+            self.short_at = now
         self.committed = float(answer["committed"])
         self.others = float(answer["others"])
         self.holders = int(answer.get("holders") or 0)
