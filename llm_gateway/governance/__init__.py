@@ -1,0 +1,1 @@
+"""Admission control: budgets and rate limits per tenant, end user and system key."""
