@@ -1,0 +1,7 @@
+"""``python -m llm_gateway.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
