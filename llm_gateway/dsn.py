@@ -195,7 +195,12 @@ def _classify(exc: BaseException, dsn: str, timeout: float, check: str) -> Datab
 
 
 # What connecting can raise besides the classified cases: asyncpg's own DSN/parameter errors.
-_CONFIG_ERRORS = (asyncpg.ClientConfigurationError, ValueError, OverflowError)
+# ClientConfigurationError is asyncpg >= 0.28; older versions raise ValueError for bad DSNs.
+_CONFIG_ERRORS = (
+    getattr(asyncpg, "ClientConfigurationError", ValueError),
+    ValueError,
+    OverflowError,
+)
 
 
 async def connect_checked(
