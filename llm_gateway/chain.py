@@ -17,7 +17,7 @@ from typing import Any
 from usage.pricing import Price
 
 from .config import GroupEntry, TenantConfig
-from .errors import ContextWindowExceededError, UnknownModelError
+from .errors import ContextWindowExceededError, InvalidRequestError, UnknownModelError
 from .health import HealthRegistry
 from .keys import ApiKey
 from .providers import ProviderSettings
@@ -174,6 +174,12 @@ def route_for(route: TenantRoute, model: str | None) -> TenantRoute:
     """
     if model is None:
         return route
+    if not isinstance(model, str):
+        raise InvalidRequestError(
+            f"parameter 'model' names a model or model group: expected a string, got"
+            f" {type(model).__name__}",
+            parameter="model",
+        )
     found = route.groups.get(model) or route.models.get(model)
     if found is None:
         raise UnknownModelError(model, sorted(route.groups), sorted(route.models))

@@ -54,7 +54,7 @@ log = logging.getLogger("llm_gateway")
 V = TypeVar("V")
 R = TypeVar("R")
 
-# Parameters the router sets itself (model, stream) or that would change the call
+# Parameters the router sets itself (stream) or that would change the call
 # rather than the request (the SDKs' extra_*): refused up front, never sent.
 _RESERVED: dict[str, str] = {
     "stream": "use stream_for_tenant() to stream",

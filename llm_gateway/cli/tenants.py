@@ -29,7 +29,9 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
     )
     models.add_argument("tenant_id", metavar="TENANT_ID", help="the tenant's id (a UUID)")
-    models.add_argument("--format", choices=["table", "json"], default="table")
+    models.add_argument(
+        "--format", choices=["table", "json"], default="table", help="output format (table)"
+    )
     models.add_argument("--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})")
     models.set_defaults(run=models_command)
 
