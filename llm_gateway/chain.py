@@ -93,11 +93,15 @@ def _for_model(
     """``entry`` (a provider with the tenant's key) asking for ``model`` instead."""
     if model == entry.model:
         return entry
-    return dataclasses.replace(
-        entry,
-        model=model,
-        context_window=settings.models.get(model),
-        price_per_m=_per_m(price, entry.provider, model),
+    # The constructor, not dataclasses.replace: this runs for every model at each load.
+    return ChainEntry(
+        entry.provider,
+        model,
+        entry.key,
+        entry.key_source,
+        entry.fingerprint,
+        settings.models.get(model),
+        _per_m(price, entry.provider, model),
     )
 
 
