@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from llm_gateway import TenantLLMRouter, provider_settings
+from llm_gateway.chain import build_route, order_chain, route_for
 from llm_gateway.config import InvalidModelGroupsError, parse_model_groups, parse_tenant_config
 from llm_gateway.errors import (
     AllProvidersFailedError,
@@ -22,6 +23,8 @@ from llm_gateway.errors import (
     NoProviderAvailableError,
     UnknownModelError,
 )
+from llm_gateway.health import HealthRegistry
+from llm_gateway.keys import Fingerprinter
 from llm_gateway.simulator import Behaviour, SimulatedProvider
 from tests.conftest import make_tenant
 
@@ -140,6 +143,41 @@ def test_router_model_groups_are_validated_like_a_tenants() -> None:
     assert info.value.field == "model_groups.cheap.0.provider"
     with pytest.raises(InvalidModelGroupsError):
         TenantLLMRouter("postgresql://x@127.0.0.1/db", model_groups={"bad": []})
+
+
+def test_group_route_order_exclusions_and_auto_failover() -> None:
+    providers = {
+        "groq": provider_settings("groq", "http://127.0.0.1:9", models=WINDOWS["groq"]),
+        "llm7": provider_settings("llm7", "http://127.0.0.1:9/v1", models=WINDOWS["llm7"]),
+    }
+    members = [
+        {"provider": "groq", "model": "small-8k"},
+        {"provider": "openai", "model": "gpt-4o"},  # no settings in this router
+        {"provider": "groq", "model": "big-128k"},  # one provider twice: two entries
+        {"provider": "llm7", "model": "mid-32k"},
+    ]
+    inference: dict[str, Any] = {"preferred_provider": "llm7", "model_groups": {"g": members}}
+    config = parse_tenant_config(T, {"groq": "g", "llm7": "l", "openai": "o"}, inference)
+    route = build_route(config, providers, lambda p, m: None, Fingerprinter("x"))
+    group = route_for(route, "g")
+    chain = order_chain(group, HealthRegistry(), 100, 0.0)
+    assert [(e.provider, e.model) for e in chain] == [
+        ("groq", "small-8k"),
+        ("groq", "big-128k"),
+        ("llm7", "mid-32k"),
+    ]
+    assert group.excluded == {
+        "openai/gpt-4o": "tenant has a key but the router has no settings for this provider"
+    }
+    usual = order_chain(route, HealthRegistry(), 100, 0.0)
+    assert (usual[0].provider, usual[0].model) == ("llm7", "gpt-4o-mini")  # preferred, as always
+    strict = parse_tenant_config(T, {"groq": "g"}, {**inference, "auto_failover": False})
+    strict_group = route_for(
+        build_route(strict, providers, lambda p, m: None, Fingerprinter("x")), "g"
+    )
+    assert [
+        (e.provider, e.model) for e in order_chain(strict_group, HealthRegistry(), 100, 0.0)
+    ] == [("groq", "small-8k")]
 
 
 # --- routing over a group ----------------------------------------------------------------
@@ -441,3 +479,21 @@ async def test_context_length_400s_are_recognised(
         with pytest.raises(BadRequestError) as plain:
             await router.complete_for_tenant(tenant, MSG)
     assert not isinstance(plain.value, ContextWindowExceededError)
+
+
+async def test_a_router_group_never_carries_one_tenants_key_to_another(
+    pg_dsn: str, pg: asyncpg.Connection, sims: Sims
+) -> None:
+    tenants = {
+        await make_tenant(pg, llm_tokens={"groq": f"gsk-tenant-{i}"}): f"gsk-tenant-{i}"
+        for i in range(5)
+    }
+    keyless = await make_tenant(pg)
+    groups = {"g": [{"provider": "groq", "model": "big-128k"}]}
+    async with TenantLLMRouter(
+        pg_dsn, providers=sims.providers(groq="gsk-system"), model_groups=groups
+    ) as router:
+        for tenant in [*tenants, keyless, *tenants]:
+            await router.complete_for_tenant(tenant, MSG, model="g")
+    expected = [*tenants.values(), "gsk-system", *tenants.values()]
+    assert sims.groq.keys_seen() == expected
