@@ -26,15 +26,18 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .errors import InvalidTenantConfigError, UnknownProviderError
+from .errors import ConfigError, InvalidTenantConfigError, UnknownProviderError
 from .keys import ApiKey
 
 __all__ = [
     "PROVIDER_NAMES",
+    "GroupEntry",
     "InferenceConfig",
+    "InvalidModelGroupsError",
     "RateLimits",
     "TenantConfig",
     "normalize_provider",
+    "parse_model_groups",
     "parse_rate_limits",
     "parse_tenant_config",
 ]
@@ -110,6 +113,43 @@ class RateLimits(BaseModel):
     requests_per_day: int | None = Field(default=None, gt=0, strict=True)
 
 
+class GroupEntry(BaseModel):
+    """One entry of a model group: a provider and the model to ask it for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: ProviderName
+    model: ModelName
+
+
+def _group_name(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("group", "empty group name")
+    return value
+
+
+def _distinct(entries: tuple[GroupEntry, ...]) -> tuple[GroupEntry, ...]:
+    seen: set[tuple[str, str]] = set()
+    for i, entry in enumerate(entries):
+        if (entry.provider, entry.model) in seen:
+            # Reported at the duplicate's index, like any other error of one entry.
+            raise PydanticCustomError(
+                "group",
+                "{provider}/{model} is listed twice",
+                {"index": i, "provider": entry.provider, "model": entry.model},
+            )
+        seen.add((entry.provider, entry.model))
+    return entries
+
+
+GroupName = Annotated[str, AfterValidator(_group_name)]
+# name -> ordered entries; a request with ``model=name`` is routed over them, in this order.
+ModelGroups = dict[
+    GroupName,
+    Annotated[tuple[GroupEntry, ...], Field(min_length=1), AfterValidator(_distinct)],
+]
+
+
 def _drop_unset(value: object) -> object:
     # ``{"groq": null}`` (or "") in a per-provider map means "not set for groq".
     if isinstance(value, Mapping):
@@ -138,6 +178,8 @@ class InferenceConfig(BaseModel):
     rate_limits: Annotated[dict[ProviderName, RateLimits], BeforeValidator(_drop_unset)] = Field(
         default_factory=dict
     )
+    # Named lists of (provider, model): ``complete_for_tenant(..., model="smart")``.
+    model_groups: ModelGroups = Field(default_factory=dict)
 
     @field_validator("preferred_provider", mode="before")
     @classmethod
@@ -163,9 +205,48 @@ def _reason(error: ErrorDetails) -> str:
         return f"expected {_EXPECTED[kind]}, got {_json_type(error.get('input'))}"
     if kind == "greater_than" and error.get("ctx", {}).get("gt") == 0:
         return f"expected a positive integer, got {error.get('input')}"
-    if kind == "extra_forbidden":  # only RateLimits forbids unknown keys
-        return f"unknown setting (known: {', '.join(RateLimits.model_fields)})"
+    if kind == "extra_forbidden":  # RateLimits and GroupEntry forbid unknown keys
+        model = GroupEntry if "model_groups" in error["loc"] else RateLimits
+        return f"unknown setting (known: {', '.join(model.model_fields)})"
+    if kind == "too_short":
+        return "expected at least one entry"
     return error["msg"]
+
+
+def _error_path(error: ErrorDetails) -> list[str]:
+    # "[key]" marks an error in a mapping's key; the key itself is already in the path.
+    parts = [_clip(str(p)) for p in error["loc"] if p != "[key]"]
+    if error["type"] == "group" and "index" in error.get("ctx", {}):
+        parts.append(str(error["ctx"]["index"]))  # a duplicate entry: point at it
+    return parts
+
+
+class InvalidModelGroupsError(ConfigError, ValueError):
+    """The router's ``model_groups=`` fails validation; ``field`` is the dotted path."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid {field}: {reason}")
+
+
+class _RouterGroups(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model_groups: ModelGroups
+
+
+def parse_model_groups(raw: object) -> Mapping[str, tuple[GroupEntry, ...]]:
+    """A router-wide ``model_groups=`` mapping, validated like a tenant's.
+
+    Raises :class:`InvalidModelGroupsError` naming the dotted path
+    (``model_groups.smart.0.provider``).
+    """
+    try:
+        return _RouterGroups.model_validate({"model_groups": raw}).model_groups
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise InvalidModelGroupsError(".".join(_error_path(first)), _reason(first)) from None
 
 
 def _validate_inference(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> InferenceConfig:
@@ -173,9 +254,7 @@ def _validate_inference(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> Inferen
         return InferenceConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        # "[key]" marks an error in a mapping's key; the key itself is already in the path.
-        parts = [_clip(str(p)) for p in first["loc"] if p != "[key]"]
-        path = ".".join(("inference_config", *parts))
+        path = ".".join(("inference_config", *_error_path(first)))
         raise InvalidTenantConfigError(tenant_id, path, _reason(first)) from None
 
 

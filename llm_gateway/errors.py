@@ -17,6 +17,7 @@ __all__ = [
     "BadRequestError",
     "ConfigError",
     "ConfigUnavailableError",
+    "ContextWindowExceededError",
     "DatabaseError",
     "DeadlineExceededError",
     "GatewayError",
@@ -32,6 +33,7 @@ __all__ = [
     "RouterClosedError",
     "ServerError",
     "TenantNotFoundError",
+    "UnknownModelError",
     "UnknownProviderError",
 ]
 
@@ -98,6 +100,21 @@ class InvalidRequestError(GatewayError, ValueError):
     def __init__(self, message: str, *, parameter: str | None = None) -> None:
         self.parameter = parameter
         super().__init__(message)
+
+
+class UnknownModelError(InvalidRequestError):
+    """``model=`` names neither a model group of the tenant or router nor a model its
+    providers serve. ``groups`` and ``models`` are the names that would have been accepted."""
+
+    def __init__(self, name: str, groups: Sequence[str], models: Sequence[str]) -> None:
+        self.name = name if len(name) <= 64 else f"{name[:16]}…"
+        self.groups = tuple(groups)
+        self.models = tuple(models)
+        super().__init__(
+            f"unknown model or model group {self.name!r} (groups: "
+            f"{', '.join(self.groups) or 'none'}; models: {', '.join(self.models) or 'none'})",
+            parameter="model",
+        )
 
 
 class RouterClosedError(GatewayError):
@@ -208,6 +225,26 @@ class BadRequestError(ProviderError):
     """HTTP 400/404/422: the request itself is wrong; another provider would reject it too."""
 
     retryable = False
+
+
+class ContextWindowExceededError(BadRequestError):
+    """A 400 saying the request does not fit the model's context window.
+
+    Final like any 400 in a tenant's usual chain; within a model group the router moves on to
+    the next entry with a larger window. ``limit`` is the window the provider stated, if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        model: str | None = None,
+        status_code: int | None = 400,
+        limit: int | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, model=model, status_code=status_code)
+        self.limit = limit
 
 
 # --- the request as a whole ----------------------------------------------------------------

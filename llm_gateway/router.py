@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -19,18 +19,23 @@ from usage import ModelUsageTracker
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
-from .attempts import CompletionCall, RequestLedger, run_attempts
+from .attempts import AttemptKind, CompletionCall, RequestLedger, run_attempts
+from .catalog import list_route_models
 from .chain import (
     ChainEntry,
     TenantRoute,
+    above_window,
     build_route,
     explain_route,
+    larger_windows,
     order_chain,
     rate_limit_wait,
+    route_for,
 )
-from .config import TenantConfig
+from .config import GroupEntry, TenantConfig, parse_model_groups
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
+    ContextWindowExceededError,
     GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
@@ -46,11 +51,12 @@ from .types import CompletionResult, TaskType
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
 
 log = logging.getLogger("llm_gateway")
+V = TypeVar("V")
+R = TypeVar("R")
 
-# Parameters the router sets itself (model, stream) or that would change the call
+# Parameters the router sets itself (stream) or that would change the call
 # rather than the request (the SDKs' extra_*): refused up front, never sent.
 _RESERVED: dict[str, str] = {
-    "model": "the model is chosen by routing (preferred_models)",
     "stream": "use stream_for_tenant() to stream",
     "extra_headers": "the router sets the request's headers",
     "extra_query": "the router builds the request's URL",
@@ -88,6 +94,8 @@ class TenantLLMRouter:
         connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
         fingerprint_key: the deployment's secret for key fingerprints (default
             ``LLM_GATEWAY_FINGERPRINT_KEY``, else generated once and kept in PostgreSQL).
+        model_groups: router-wide model groups, ``{"smart": [{"provider": "groq", "model":
+            "llama-3.3-70b-versatile"}, ...]}``; a tenant's own group of a name wins.
     """
 
     def __init__(
@@ -111,7 +119,12 @@ class TenantLLMRouter:
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
         fingerprint_key: str | None = None,
+        model_groups: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
     ) -> None:
+        # Validated first: a malformed group is the caller's error, before any other setup.
+        self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
+            model_groups or {}
+        )
         self.dsn = resolve_dsn(dsn)
         if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
             validate_dsn(self.dsn, check="dsn= or DATABASE_URL")  # ConfigError now, not asyncpg's
@@ -228,7 +241,13 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(config, self._settings, self._prices.lookup, self.key_fingerprint)
+        return build_route(
+            config,
+            self._settings,
+            self._prices.lookup,
+            self.key_fingerprint,
+            self._model_groups,
+        )
 
     def key_fingerprint(self, key: str | ApiKey) -> str:
         """The fingerprint this deployment shows for ``key`` in health, explain and usage rows."""
@@ -252,24 +271,39 @@ class TenantLLMRouter:
     # --- requests --------------------------------------------------------------------------
 
     async def _plan(
-        self, tenant_id: uuid.UUID | str, estimated_tokens: int, deadline: float
+        self,
+        tenant_id: uuid.UUID | str,
+        estimated_tokens: int,
+        deadline: float,
+        model: str | None = None,
     ) -> tuple[uuid.UUID, TenantRoute, list[ChainEntry]]:
-        """The tenant's id, route and the entries to try, in order (config from cache)."""
+        """The tenant's id, route and the entries to try, in order (config from cache).
+
+        ``model`` selects a model group's or a concrete model's route (built with the config).
+        """
         if not self._started:
             await self.start()
         tid = as_tenant_id(tenant_id)
-        route = await self._store.get(tid)
+        route = route_for(await self._store.get(tid), model)
         return tid, route, await self._order(tid, route, estimated_tokens, deadline)
 
     async def _order(
-        self, tid: uuid.UUID, route: TenantRoute, estimated_tokens: int, deadline: float
+        self,
+        tid: uuid.UUID,
+        route: TenantRoute,
+        estimated_tokens: int,
+        deadline: float,
+        floor: int | None = None,
     ) -> list[ChainEntry]:
         """The chain to try now. When every usable key is only waiting out a 429's
-        Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing."""
+        Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing.
+        ``floor``: only entries whose window is larger (after a context-length refusal)."""
         while True:
             # Health times come from the registry's clock (injectable), deadlines from ours.
             now = self._health.clock()
             chain = order_chain(route, self._health, estimated_tokens, now)
+            if floor is not None:
+                chain = above_window(chain, floor)
             if chain:
                 return chain
             wait = rate_limit_wait(route, self._health, now)
@@ -279,6 +313,38 @@ class TenantLLMRouter:
                 order_chain(route, self._health, estimated_tokens, now, skipped)
                 raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
             await asyncio.sleep(wait)
+
+    async def _attempt(
+        self,
+        kind: AttemptKind[V, R],
+        chain: list[ChainEntry],
+        tid: uuid.UUID,
+        route: TenantRoute,
+        ledger: RequestLedger,
+        estimated_tokens: int,
+        deadline: float,
+        budget: float,
+    ) -> R:
+        """:func:`run_attempts` over ``chain``; within a model group, a context-length 400
+        moves on to the next entries with a larger window (the same request and ledger)."""
+        floor: int | None = None
+        while True:
+            try:
+                return await run_attempts(
+                    kind,
+                    chain,
+                    ledger=ledger,
+                    health=self._health,
+                    deadline=deadline,
+                    budget=budget,
+                    replan=partial(self._order, tid, route, estimated_tokens, deadline, floor),
+                )
+            except ContextWindowExceededError as exc:
+                if route.group is None:
+                    raise  # outside a group, final like any 400
+                chain, floor = larger_windows(chain, exc)
+                if not chain:
+                    raise
 
     def _admit(self, params: Mapping[str, Any]) -> None:
         """Refuse a request up front: the router is closing, or a parameter is reserved."""
@@ -320,23 +386,29 @@ class TenantLLMRouter:
         metadata: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        model: str | None = None,
         **params: Any,
     ) -> CompletionResult:
         """Complete ``messages`` for a tenant, failing over across its chain.
 
-        ``params`` go to the provider as they are (``temperature``, ``max_tokens``, ``tools``,
-        ...); ``model``, ``stream`` and the SDK's ``extra_*`` are reserved.
+        ``model`` names a model group (the tenant's, else the router's: routed over its list,
+        in order) or a concrete model (routed to the tenant's providers that serve it);
+        default: the tenant's usual chain. ``params`` go to the provider as they are
+        (``temperature``, ``max_tokens``, ``tools``, ...); ``stream`` and the SDK's
+        ``extra_*`` are reserved.
         ``timeout`` is the total deadline in seconds for every attempt together (default: the
         router's). Each attempt that reaches a provider becomes one ``model_usage_stats`` row;
         ``metadata`` is stored in it under ``metadata.caller``.
 
         Raises:
-            InvalidRequestError: a reserved or unserialisable parameter (nothing was sent).
+            InvalidRequestError: a reserved or unserialisable parameter (nothing was sent);
+                :class:`UnknownModelError` for a ``model`` that is no group or served model.
             RouterClosedError: the router is closing.
             TenantNotFoundError, InvalidTenantConfigError: the tenant cannot be served.
             NoProviderAvailableError: no provider has a key, a fitting model and a closed
                 breaker.
-            BadRequestError: the provider rejected the request itself (not failed over).
+            BadRequestError: the provider rejected the request itself (not failed over;
+                a :class:`ContextWindowExceededError` is, within a model group).
             AllProvidersFailedError: every attempt failed; ``.attempts`` lists them.
             DeadlineExceededError: ``timeout`` ran out first.
         """
@@ -345,7 +417,7 @@ class TenantLLMRouter:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
             call = CompletionCall(
                 self._providers,
@@ -356,14 +428,8 @@ class TenantLLMRouter:
                 started=started,
                 cap=self.attempt_timeout,
             )
-            return await run_attempts(
-                call,
-                chain,
-                ledger=ledger,
-                health=self._health,
-                deadline=deadline,
-                budget=budget,
-                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+            return await self._attempt(
+                call, chain, tid, route, ledger, estimated_tokens, deadline, budget
             )
         finally:
             self._leave()
@@ -379,6 +445,7 @@ class TenantLLMRouter:
         metadata: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        model: str | None = None,
         **params: Any,
     ) -> CompletionStream:
         """Stream a completion; same arguments as :meth:`complete_for_tenant`.
@@ -392,7 +459,7 @@ class TenantLLMRouter:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
             stream = CompletionStream(
                 providers=self._providers,
@@ -405,14 +472,8 @@ class TenantLLMRouter:
                 chunk_timeout=self.chunk_timeout,
                 on_done=self._leave,
             )
-            await run_attempts(
-                stream,
-                chain,
-                ledger=ledger,
-                health=self._health,
-                deadline=deadline,
-                budget=budget,
-                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+            await self._attempt(
+                stream, chain, tid, route, ledger, estimated_tokens, deadline, budget
             )
         except BaseException:
             self._leave()
@@ -427,13 +488,26 @@ class TenantLLMRouter:
         return self._health.snapshot()
 
     async def explain(
-        self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100
+        self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100, model: str | None = None
     ) -> dict[str, Any]:
-        """The chain a request would use now, with each entry's score and every exclusion."""
+        """The chain a request would use now, with each entry's score and every exclusion;
+        ``model`` as for :meth:`complete_for_tenant`."""
+        if not self._started:
+            await self.start()
+        route = route_for(await self._store.get(as_tenant_id(tenant_id)), model)
+        return explain_route(route, self._health, estimated_tokens, self._health.clock())
+
+    async def list_models(self, tenant_id: uuid.UUID | str) -> dict[str, Any]:
+        """Every provider and model the tenant can be served by now, and why others cannot.
+
+        ``models``: one row per (provider, model) with the key source and fingerprint, context
+        window, price per million tokens, health and, when it cannot be used now, the reason;
+        ``groups``: its model groups, entry by entry; ``excluded``: providers it can never use.
+        """
         if not self._started:
             await self.start()
         route = await self._store.get(as_tenant_id(tenant_id))
-        return explain_route(route, self._health, estimated_tokens, self._health.clock())
+        return list_route_models(route, self._health, self._health.clock())
 
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:

@@ -23,6 +23,7 @@ import openai
 from ..errors import (
     AuthenticationError,
     BadRequestError,
+    ContextWindowExceededError,
     MalformedResponseError,
     ProviderConnectionError,
     ProviderError,
@@ -43,6 +44,15 @@ _HTTP_TRANSPORT = (httpx.TransportError, httpx2.TransportError)
 # Groq puts the wait in the message: "Please try again in 5.289s" / "in 1m2.5s" / "in 590ms".
 _TRY_AGAIN = re.compile(r"try again in (?:(\d+)m(?!s))?(?:([\d.]+)(ms|s))?", re.IGNORECASE)
 _MAX_MESSAGE = 500
+# A 400 for a request longer than the model's window. OpenAI and Groq send the code
+# "context_length_exceeded"; OpenRouter sends "code": 400 and says it in the message
+# ("This endpoint's maximum context length is 163840 tokens"), as do DeepSeek and others.
+_CONTEXT_CODE = "context_length_exceeded"
+_CONTEXT_MESSAGE = re.compile(
+    r"maximum context length|context[ _]length[ _]exceeded|exceeds? the context window",
+    re.IGNORECASE,
+)
+_CONTEXT_LIMIT = re.compile(r"maximum context length is (\d+)", re.IGNORECASE)
 
 
 def _seconds(value: str, scale: float = 1.0) -> float | None:
@@ -95,6 +105,13 @@ def _body_message(exc: Any) -> str:
     return str(getattr(exc, "message", "") or type(exc).__name__)
 
 
+def _context_exceeded(exc: Any, message: str) -> bool:
+    body = getattr(exc, "body", None)
+    error = body.get("error", body) if isinstance(body, Mapping) else None
+    code = error.get("code") if isinstance(error, Mapping) else None
+    return code == _CONTEXT_CODE or _CONTEXT_MESSAGE.search(message) is not None
+
+
 def _scrub(message: str, key: ApiKey | None) -> str:
     if key is not None:
         message = message.replace(key.reveal(), f"<{key.source} key>")
@@ -129,6 +146,15 @@ def classify(
             return AuthenticationError(message, provider=provider, model=model, status_code=code)
         if code in (408, 409) or code >= 500:
             return ServerError(message, provider=provider, model=model, status_code=code)
+        if code in (400, 413) and _context_exceeded(exc, message):
+            limit = _CONTEXT_LIMIT.search(message)
+            return ContextWindowExceededError(
+                message,
+                provider=provider,
+                model=model,
+                status_code=code,
+                limit=int(limit[1]) if limit else None,
+            )
         return BadRequestError(message, provider=provider, model=model, status_code=code)
     if isinstance(exc, (*_VALIDATION, ValueError)):
         return MalformedResponseError(

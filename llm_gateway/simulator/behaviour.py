@@ -62,6 +62,13 @@ DEFAULT_MODEL: Final = "sim-model"
 # status code, OpenAI error ``type``, ``code`` and message for the plain HTTP error behaviours.
 STATUS_BEHAVIOURS: Final[Mapping[str, tuple[int, str, str | None, str]]] = {
     "400": (400, "invalid_request_error", None, "Invalid request: 'messages' is malformed."),
+    "context_length": (
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "This model's maximum context length is 8192 tokens. However, your messages resulted in"
+        " 9000 tokens. Please reduce the length of the messages.",
+    ),
     "401": (401, "invalid_request_error", "invalid_api_key", "Invalid API Key"),
     "404": (404, "invalid_request_error", "model_not_found", "The model does not exist."),
     "422": (422, "invalid_request_error", None, "Unprocessable entity."),
