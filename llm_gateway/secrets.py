@@ -170,17 +170,22 @@ class KeyRing:
     def __reduce__(self) -> NoReturn:
         raise TypeError("KeyRing cannot be pickled")
 
-    def encrypt(self, tenant_id: uuid.UUID, provider: str, key: str) -> str:
-        """``key`` as an ``enc:v1`` envelope under the active key, bound to tenant and provider."""
+    def require_active(self) -> str:
+        """The active key id; :class:`KeyRingError` (saying what to set) for an empty ring."""
         if self.active_id is None:
             raise KeyRingError(
                 f"no key ring configured: set {KEYRING_ENV} (`llm-gateway keys generate`)"
             )
+        return self.active_id
+
+    def encrypt(self, tenant_id: uuid.UUID, provider: str, key: str) -> str:
+        """``key`` as an ``enc:v1`` envelope under the active key, bound to tenant and provider."""
+        active = self.require_active()
         nonce = _random.token_bytes(_NONCE_BYTES)
-        sealed = self._ciphers[self.active_id].encrypt(
-            nonce, key.encode(), _aad(self.active_id, tenant_id, provider)
+        sealed = self._ciphers[active].encrypt(
+            nonce, key.encode(), _aad(active, tenant_id, provider)
         )
-        return f"{_HEADER}{self.active_id}:{base64.b64encode(nonce + sealed).decode()}"
+        return f"{_HEADER}{active}:{base64.b64encode(nonce + sealed).decode()}"
 
     def decrypt(self, tenant_id: uuid.UUID, provider: str, value: str) -> str:
         """The key inside an envelope; :class:`DecryptError` says why it does not decrypt."""

@@ -66,8 +66,7 @@ async def set_tenant_keys(
     A ``None`` value removes that provider's key. Provider names are normalised, and any
     spelling of the same provider already in the row (``"Groq (Llama)"``) is replaced.
     """
-    if not keyring:
-        keyring.encrypt(tenant_id, "", "")  # raises KeyRingError naming what to set
+    keyring.require_active()  # before anything is validated or written
     sealed: dict[str, str] = {}
     patterns: list[str] = []
     for name, value in keys.items():
@@ -194,8 +193,7 @@ async def reencrypt_tenants(
     read; a row changed meanwhile is read again and retried (up to ``max_retries`` times,
     then reported). Values that do not decrypt are kept and listed in ``failures``.
     """
-    if not keyring:
-        keyring.encrypt(uuid.UUID(int=0), "", "")  # raises KeyRingError naming what to set
+    keyring.require_active()
     report = ReencryptReport()
     last = uuid.UUID(int=0)
     while True:

@@ -427,4 +427,4 @@ async def test_cli_encrypt_rotate_exit_codes(own_dsn: str, db: asyncpg.Connectio
     assert key_id_of(str((await _tokens(db))[ok]["groq"])) == "k2"
 
     proc = await asyncio.to_thread(_cli, "tenants", "encrypt", dsn=own_dsn, ring="")
-    assert proc.returncode == 1 and "LLM_GATEWAY_KEYRING is not set" in proc.stderr
+    assert proc.returncode == 1 and "no key ring configured: set LLM_GATEWAY_KEYRING" in proc.stderr

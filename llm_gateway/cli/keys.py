@@ -68,7 +68,9 @@ def register(sub: Any) -> None:
         )
         cmd.add_argument("--dsn", help=_DSN_HELP)
         cmd.add_argument("--batch-size", type=_positive, default=500, help="default 500")
-        cmd.add_argument("--format", choices=("text", "json"), default="text")
+        cmd.add_argument(
+            "--format", choices=("text", "json"), default="text", help="summary format"
+        )
         cmd.set_defaults(run=reencrypt_command, rotate=rotate)
 
     set_key = tenants.add_parser(
@@ -79,8 +81,8 @@ def register(sub: Any) -> None:
         " that does not echo; a key given as an argument is refused.",
         epilog=EPILOG,
     )
-    set_key.add_argument("tenant_id", metavar="TENANT_ID")
-    set_key.add_argument("provider", metavar="PROVIDER")
+    set_key.add_argument("tenant_id", metavar="TENANT_ID", help="the tenant's id (uuid)")
+    set_key.add_argument("provider", metavar="PROVIDER", help="provider name, e.g. groq")
     set_key.add_argument("--remove", action="store_true", help="remove the provider's key")
     set_key.add_argument("--dsn", help=_DSN_HELP)
     # Caught here, so argparse never echoes a key given by mistake in its error message.
@@ -97,11 +99,10 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def _keyring() -> Any:
-    from ..secrets import KEYRING_ENV, KeyRing, KeyRingError
+    from ..secrets import KeyRing
 
     ring = KeyRing.from_env()
-    if not ring:
-        raise KeyRingError(f"{KEYRING_ENV} is not set (`llm-gateway keys generate` makes a key)")
+    ring.require_active()  # a one-line error naming LLM_GATEWAY_KEYRING
     return ring
 
 
