@@ -428,3 +428,19 @@ async def test_cli_encrypt_rotate_exit_codes(own_dsn: str, db: asyncpg.Connectio
 
     proc = await asyncio.to_thread(_cli, "tenants", "encrypt", dsn=own_dsn, ring="")
     assert proc.returncode == 1 and "no key ring configured: set LLM_GATEWAY_KEYRING" in proc.stderr
+
+
+async def test_router_keeps_serving_across_encrypt_and_rotate(
+    own_dsn: str, db: asyncpg.Connection, sim: SimulatedProvider
+) -> None:
+    tid = await make_tenant(db, llm_tokens={"openai": SECRET})
+    async with _router(own_dsn, sim, keyring=f"{RING2},{RING1}") as router:
+        await router.complete_for_tenant(tid, MSG)
+        await reencrypt_tenants(db, KeyRing.parse(RING1))  # an older process's ring
+        router.invalidate_cache(tid)
+        await router.complete_for_tenant(tid, MSG)
+        await reencrypt_tenants(db, KeyRing.parse(f"{RING2},{RING1}"), rotate=True)
+        router.invalidate_cache(tid)
+        await router.complete_for_tenant(tid, MSG)
+    assert key_id_of(str((await _tokens(db))[tid]["openai"])) == "k2"
+    assert sim.keys_seen() == [SECRET] * 3
