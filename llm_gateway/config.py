@@ -28,6 +28,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import ConfigError, InvalidTenantConfigError, UnknownProviderError
 from .keys import ApiKey
+from .secrets import DecryptError, KeyRing, is_encrypted
 
 __all__ = [
     "PROVIDER_NAMES",
@@ -313,8 +314,11 @@ def _as_object(tenant_id: uuid.UUID, column: str, raw: object) -> Mapping[str, A
     return raw
 
 
-def _parse_tokens(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> dict[str, ApiKey]:
+def _parse_tokens(
+    tenant_id: uuid.UUID, raw: Mapping[str, Any], keyring: KeyRing | None
+) -> dict[str, ApiKey]:
     keys: dict[str, ApiKey] = {}
+    plaintext: list[str] = []
     for name, value in raw.items():
         field = f"llm_tokens.{_clip(name)}"
         try:
@@ -327,6 +331,14 @@ def _parse_tokens(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> dict[str, Api
             raise InvalidTenantConfigError(
                 tenant_id, field, f"expected a string or null, got {_json_type(value)}"
             )
+        if is_encrypted(value):
+            # Decrypted here, once per config load: requests use the cached ApiKey.
+            try:
+                value = (keyring or KeyRing()).decrypt(tenant_id, provider, value)
+            except DecryptError as exc:
+                raise InvalidTenantConfigError(tenant_id, field, str(exc)) from None
+        elif value.strip():
+            plaintext.append(provider)
         if not value.strip():
             # Not "no key": serving the tenant with the system key would be a surprise.
             raise InvalidTenantConfigError(tenant_id, field, "empty key (write null for no key)")
@@ -335,6 +347,8 @@ def _parse_tokens(tenant_id: uuid.UUID, raw: Mapping[str, Any]) -> dict[str, Api
                 tenant_id, field, f"second key for provider {provider!r}"
             )
         keys[provider] = ApiKey(value, "tenant")
+    if plaintext and keyring is not None:
+        keyring.warn_plaintext(tenant_id, plaintext)
     return keys
 
 
@@ -345,13 +359,17 @@ def parse_tenant_config(
     *,
     updated_at: datetime | None = None,
     name: str | None = None,
+    keyring: KeyRing | None = None,
 ) -> TenantConfig:
     """Validate a tenant row's two JSONB values.
 
+    ``enc:v1`` values of ``llm_tokens`` are decrypted with ``keyring`` (see
+    :mod:`llm_gateway.secrets`); plaintext values are still read, and the ring logs one
+    warning per tenant that has them.
     Raises :class:`InvalidTenantConfigError` naming the tenant and the dotted field path.
     The error message never contains a key's value.
     """
-    tokens = _parse_tokens(tenant_id, _as_object(tenant_id, "llm_tokens", llm_tokens))
+    tokens = _parse_tokens(tenant_id, _as_object(tenant_id, "llm_tokens", llm_tokens), keyring)
     inference = _validate_inference(
         tenant_id, _as_object(tenant_id, "inference_config", inference_config)
     )

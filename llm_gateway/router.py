@@ -44,7 +44,9 @@ from .errors import (
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
+from .secrets import KeyRing
 from .streaming import CompletionStream
+from .tenant_keys import set_tenant_keys as write_tenant_keys
 from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
 from .types import CompletionResult, TaskType
 
@@ -96,6 +98,9 @@ class TenantLLMRouter:
             ``LLM_GATEWAY_FINGERPRINT_KEY``, else generated once and kept in PostgreSQL).
         model_groups: router-wide model groups, ``{"smart": [{"provider": "groq", "model":
             "llama-3.3-70b-versatile"}, ...]}``; a tenant's own group of a name wins.
+        keyring: the key ring of tenants' encrypted keys: ``"id1:<base64>,id2:..."`` or a
+            mapping of id to 32 key bytes, the active (encrypting) id first (default
+            ``LLM_GATEWAY_KEYRING``; see :mod:`llm_gateway.secrets`).
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class TenantLLMRouter:
         price_book: PriceBook | None = None,
         fingerprint_key: str | None = None,
         model_groups: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
+        keyring: KeyRing | str | Mapping[str, bytes] | None = None,
     ) -> None:
         # Validated first: a malformed group is the caller's error, before any other setup.
         self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
@@ -145,6 +151,7 @@ class TenantLLMRouter:
         self._tracker = usage_tracker
         self._owns_tracker = usage_tracker is None and record_usage
         self._record_usage = record_usage
+        self._keyring = KeyRing.coerce(keyring)
         self._store: TenantConfigStore[TenantRoute] = TenantConfigStore(
             self._get_pool,
             self._build_route,
@@ -152,6 +159,7 @@ class TenantLLMRouter:
             maxsize=cache_maxsize,
             unknown_tenant=unknown_tenant,
             stale_if_error=stale_if_error,
+            keyring=self._keyring,
         )
         self._fingerprint_key = fingerprint_key
         self._fingerprint: Fingerprinter | None = None  # known once started
@@ -261,6 +269,18 @@ class TenantLLMRouter:
     def invalidate_cache(self, tenant_id: uuid.UUID | str | None = None) -> None:
         """Drop one tenant's cached config (after editing it), or every tenant's."""
         self._store.invalidate(tenant_id)
+
+    async def set_tenant_keys(
+        self, tenant_id: uuid.UUID | str, keys: Mapping[str, str | None]
+    ) -> None:
+        """Encrypt ``keys`` ({provider: key}) and merge them into the tenant's ``llm_tokens``
+        in one ``UPDATE``; a ``None`` value removes that provider's key. This router's cached
+        config of the tenant is dropped (other processes: the tenants NOTIFY trigger)."""
+        if not self._started:
+            await self.start()
+        tid = as_tenant_id(tenant_id)
+        await write_tenant_keys(self._get_pool(), self._keyring, tid, keys)
+        self._store.invalidate(tid)
 
     async def tenant_config(self, tenant_id: uuid.UUID | str) -> TenantConfig:
         """The validated config the router uses for a tenant (cached)."""

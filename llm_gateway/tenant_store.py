@@ -16,6 +16,7 @@ from cachetools import TTLCache
 
 from .config import InferenceConfig, TenantConfig, parse_tenant_config
 from .errors import ConfigUnavailableError, GatewayError, TenantNotFoundError
+from .secrets import KeyRing
 
 __all__ = ["TenantConfigStore", "UnknownTenantPolicy", "as_tenant_id"]
 
@@ -68,6 +69,7 @@ class TenantConfigStore(Generic[T]):
         stale_if_error: float = 3600.0,
         retry_after_error: float = 5.0,
         query_timeout: float = 5.0,
+        keyring: KeyRing | None = None,
     ) -> None:
         if unknown_tenant not in ("error", "system_defaults"):
             raise ValueError(
@@ -83,6 +85,7 @@ class TenantConfigStore(Generic[T]):
         )
         self._retry_after_error = retry_after_error
         self._query_timeout = query_timeout
+        self._keyring = keyring  # decrypts enc:v1 llm_tokens values, once per load
         self._db_failed_until = 0.0
         # The current load of each tenant; invalidate() detaches (removes) it.
         self._inflight: dict[uuid.UUID, asyncio.Task[T]] = {}
@@ -150,6 +153,7 @@ class TenantConfigStore(Generic[T]):
                 row["inference_config"],
                 updated_at=row["updated_at"],
                 name=row["name"],
+                keyring=self._keyring,
             )
         value = self._build(config)
         if self._attached(tenant_id):

@@ -6,8 +6,17 @@ import argparse
 import math
 import os
 import sys
+from typing import Any
 
-__all__ = ["EPILOG", "flushed", "fraction", "nonnegative", "port", "quiet_broken_pipe"]
+__all__ = [
+    "EPILOG",
+    "flushed",
+    "fraction",
+    "get_or_add_group",
+    "nonnegative",
+    "port",
+    "quiet_broken_pipe",
+]
 
 EPILOG = "Exit codes: 0 ok, 1 runtime error, 2 usage error."
 
@@ -54,3 +63,18 @@ def quiet_broken_pipe() -> int:
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
     return 1
+
+
+_GROUP_ACTION = "_llm_gateway_subcommands"
+
+
+def get_or_add_group(sub: Any, name: str, help: str) -> Any:
+    """The subcommands of command group ``name`` (``tenants``), created by whichever module
+    registers first: several modules may add commands to one group without knowing each other.
+    ``help`` is used only by the module that creates the group."""
+    parser = sub.choices.get(name)
+    if parser is None:
+        parser = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")
+        action = parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+        setattr(parser, _GROUP_ACTION, action)
+    return getattr(parser, _GROUP_ACTION)

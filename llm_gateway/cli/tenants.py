@@ -8,14 +8,13 @@ import json
 from typing import Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import EPILOG
+from ._common import EPILOG, get_or_add_group
 
 __all__ = ["register"]
 
 
 def register(sub: Any) -> None:
-    tenants = sub.add_parser("tenants", help="tenants' routing", description="Tenant commands.")
-    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True, metavar="COMMAND")
+    tenants_sub = get_or_add_group(sub, "tenants", "tenant commands")
     models = tenants_sub.add_parser(
         "models",
         help="every provider and model a tenant can be served by now",
