@@ -290,30 +290,16 @@ def _entry_for(tenant_id: uuid.UUID, provider: str, raw: str | None) -> tuple[st
 def _parse_limits(
     tenant_id: uuid.UUID, provider: str, raw: str | None
 ) -> tuple[RateLimits, Literal["tenant", "default", "mixed"]]:
-    from llm_gateway.errors import InvalidTenantConfigError
+    # The one validation of rate_limits, the router's (imported here: see _provider_id).
+    from llm_gateway.config import parse_rate_limits
 
     default = DEFAULT_RATE_LIMITS.get(provider, RateLimits())
-    entry = _entry_for(tenant_id, provider, raw)
-    if entry is None or entry[1] is None:
-        return default, "default"
-    key, conf = entry
-    where = f"inference_config.rate_limits.{key}"
-    if not isinstance(conf, dict):
-        raise InvalidTenantConfigError(tenant_id, where, "must be an object")
-    values: dict[str, int | None] = {}
-    for key in _LIMIT_KEYS:
-        value = conf.get(key)
-        if value is None:
-            values[key] = getattr(default, key)
-        elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            values[key] = value
-        else:
-            raise InvalidTenantConfigError(
-                tenant_id, f"{where}.{key}", "must be a positive integer"
-            )
-    given = sum(1 for key in _LIMIT_KEYS if conf.get(key) is not None)
+    _entry_for(tenant_id, provider, raw)  # two spellings of one provider: an error
+    conf = parse_rate_limits(tenant_id, raw).get(provider)
+    given: dict[str, int] = {} if conf is None else conf.model_dump(exclude_none=True)
+    values = {key: given.get(key, getattr(default, key)) for key in _LIMIT_KEYS}
     source: Literal["tenant", "default", "mixed"] = (
-        "tenant" if given == len(_LIMIT_KEYS) else "default" if given == 0 else "mixed"
+        "tenant" if len(given) == len(_LIMIT_KEYS) else "mixed" if given else "default"
     )
     return RateLimits(**values), source
 
