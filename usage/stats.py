@@ -252,6 +252,21 @@ WHERE tenant_id = $1 AND provider = $2 AND "timestamp" >= now() - interval '1 da
 
 _LIMIT_KEYS: Final = ("requests_per_minute", "tokens_per_minute", "requests_per_day")
 
+# What the router's admission acts on for a limit the tenant configured (governance leases):
+# uses reconciled into the window plus what live processes hold. A partial bucket counts
+# whole, as admission counts it.
+_GOVERNED_SQL = """
+SELECT coalesce((SELECT sum(amount) FROM quota_uses
+                  WHERE limit_key = $1 AND bucket > now() - make_interval(secs => $2)), 0)
+     + coalesce((SELECT sum(amount) FROM quota_leases
+                  WHERE limit_key = $1 AND expires_at >= now()), 0)
+"""
+_WINDOWS: Final = {
+    "requests_per_minute": 61.0,
+    "tokens_per_minute": 61.0,
+    "requests_per_day": 86_460.0,
+}
+
 
 def _provider_id(name: str) -> str:
     """The provider id the router uses (``'Groq (Llama 3.3 70B)'`` -> ``'groq'``), through the
@@ -287,6 +302,13 @@ def _entry_for(tenant_id: uuid.UUID, provider: str, raw: str | None) -> tuple[st
     return found[0] if found else None
 
 
+def _configured(tenant_id: uuid.UUID, provider: str, raw: str | None, key: str) -> bool:
+    from llm_gateway.config import parse_rate_limits
+
+    conf = parse_rate_limits(tenant_id, raw).get(provider)
+    return conf is not None and getattr(conf, key) is not None
+
+
 def _parse_limits(
     tenant_id: uuid.UUID, provider: str, raw: str | None
 ) -> tuple[RateLimits, Literal["tenant", "default", "mixed"]]:
@@ -319,12 +341,25 @@ async def check_rate_limit_status(
     Raises :class:`~llm_gateway.errors.InvalidTenantConfigError` naming the field when the
     tenant's ``rate_limits`` entry is malformed, or two keys name one provider. A tenant
     without a row gets the defaults.
+
+    For a limit the tenant configured, which the router enforces, the counts are the ones
+    admission acts on: uses in the sliding window plus what router processes hold (leases).
+    Other counts are read from the usage rows.
     """
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id)
     provider = _provider_id(provider)
     async with pool.acquire() as conn:
-        row: Any = await conn.fetchrow(_RATE_SQL, tid, provider)
-    limits, source = _parse_limits(tid, provider, row["limits"])
+        found: Any = await conn.fetchrow(_RATE_SQL, tid, provider)
+        row = dict(found)
+        limits, source = _parse_limits(tid, provider, row["limits"])
+        if source != "default" and await conn.fetchval("SELECT to_regclass('quota_uses')"):
+            # A quota the tenant set is enforced by the router: report the numbers it acts on.
+            for key, column in zip(_LIMIT_KEYS, ("req_min", "tok_min", "req_day"), strict=True):
+                if source == "tenant" or _configured(tid, provider, row["limits"], key):
+                    held = await conn.fetchval(
+                        _GOVERNED_SQL, f"t:{tid}:p:{provider}:{key}", _WINDOWS[key]
+                    )
+                    row[column] = round(held)
     percent = max(
         _percent(row["req_min"], limits.requests_per_minute),
         _percent(row["tok_min"], limits.tokens_per_minute),
