@@ -29,6 +29,7 @@ from .chain import (
     rate_limit_wait,
 )
 from .config import TenantConfig
+from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
     GatewayError,
@@ -88,6 +89,9 @@ class TenantLLMRouter:
         connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
         fingerprint_key: the deployment's secret for key fingerprints (default
             ``LLM_GATEWAY_FINGERPRINT_KEY``, else generated once and kept in PostgreSQL).
+        config_notify: keep one connection on ``dsn`` listening for tenant config edits
+            (migration 006), so they reach the cache at once. Default: on, unless ``pool=``
+            is given without ``dsn=`` (the listener must reach the pool's database).
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class TenantLLMRouter:
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
         fingerprint_key: str | None = None,
+        config_notify: bool | None = None,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
         if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
@@ -141,6 +146,17 @@ class TenantLLMRouter:
             stale_if_error=stale_if_error,
         )
         self._fingerprint_key = fingerprint_key
+        listen = (pool is None or dsn is not None) if config_notify is None else config_notify
+        self._listener: ConfigListener | None = (
+            ConfigListener(
+                self.dsn,
+                self._store.invalidate_many,
+                self._store.invalidate,
+                connect_timeout=connect_timeout,
+            )
+            if listen
+            else None
+        )
         self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
@@ -173,6 +189,10 @@ class TenantLLMRouter:
                 self._fingerprint = await deployment_fingerprinter(
                     self._pool, self._fingerprint_key
                 )
+            if self._listener is not None:
+                # Bounded and never fatal: while it is down, the cache TTL bounds staleness.
+                self._listener.start()
+                await self._listener.wait_first_attempt(self.connect_timeout)
             if self._record_usage:
                 if self._tracker is None:
                     self._tracker = ModelUsageTracker(
@@ -206,6 +226,8 @@ class TenantLLMRouter:
         for stream in list(self._streams):
             stream._abandon()  # its row, before the tracker drains
         await asyncio.gather(*(p.aclose() for p in self._providers.values()))
+        if self._listener is not None:
+            await self._listener.close()
         if self._tracker is not None and self._owns_tracker:
             await self._tracker.close()
         if self._pool is not None and self._owns_pool:
@@ -240,7 +262,11 @@ class TenantLLMRouter:
     # --- configuration ---------------------------------------------------------------------
 
     def invalidate_cache(self, tenant_id: uuid.UUID | str | None = None) -> None:
-        """Drop one tenant's cached config (after editing it), or every tenant's."""
+        """Drop one tenant's cached config, or every tenant's, in this process only.
+
+        Rarely needed: with migration 006 every edit of ``tenants`` (by any process, plain SQL
+        included) notifies every router, whose listener drops the tenant's config itself.
+        """
         self._store.invalidate(tenant_id)
 
     async def tenant_config(self, tenant_id: uuid.UUID | str) -> TenantConfig:
@@ -423,8 +449,19 @@ class TenantLLMRouter:
     # --- introspection ---------------------------------------------------------------------
 
     def health(self) -> list[dict[str, Any]]:
-        """Health of every provider key used so far (fingerprints only, never keys)."""
+        """Health of every provider key used so far (fingerprints only, never keys).
+
+        The config listener's state is in :meth:`status`."""
         return self._health.snapshot()
+
+    def status(self) -> dict[str, Any]:
+        """``{"providers": health(), "config_listener": {...} or None}``.
+
+        ``config_listener["state"]``: ``starting``, ``listening``, ``reconnecting`` (configs
+        then expire by ``cache_ttl`` only) or ``closed``; ``None`` when it is off.
+        """
+        listener = self._listener.status() if self._listener is not None else None
+        return {"providers": self.health(), "config_listener": listener}
 
     async def explain(
         self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100
