@@ -88,6 +88,7 @@ class ConfigListener:
         self.ids = 0  # tenant ids received
         self.resets = 0  # times every cached config was dropped
         self.handler_seconds = 0.0  # event-loop time spent handling notices
+        self.handler_max = 0.0  # the longest single notice: the stall it can cause
         self.last_error: str | None = None  # type of the last connection error (no message)
 
     def start(self) -> None:
@@ -124,6 +125,7 @@ class ConfigListener:
             "tenant_ids": self.ids,
             "resets": self.resets,
             "handler_ms": round(self.handler_seconds * 1000, 3),
+            "handler_max_ms": round(self.handler_max * 1000, 3),
             "last_error": self.last_error,
         }
 
@@ -206,4 +208,6 @@ class ConfigListener:
         else:
             self.ids += len(ids)
             self._on_ids(ids)
-        self.handler_seconds += time.perf_counter() - started
+        took = time.perf_counter() - started
+        self.handler_seconds += took
+        self.handler_max = max(self.handler_max, took)
