@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from llm_gateway import TenantLLMRouter, TenantNotFoundError
-from llm_gateway.config_listener import parse_notice
+from llm_gateway.config_listener import DRAIN_SLICE, ConfigListener, parse_notice
 from tests.conftest import make_tenant
 from tests.tcp_proxy import TcpProxy
 
@@ -201,6 +201,48 @@ async def test_an_all_notice_drops_every_cached_config(
         return await _model(router, tenant) == "model-2"
 
     await _until(seen, "every config dropped by '*'")
+
+
+async def test_10000_notices_are_handled_in_slices_not_in_one_loop_iteration(
+    pg_dsn: str, pg: asyncpg.Connection
+) -> None:
+    """One UPDATE statement per tenant in one transaction: 10,000 one-id notices, which
+    asyncpg hands over in one loop iteration; the listener spreads the work over several."""
+    loop = asyncio.get_running_loop()
+    iteration = 0
+    ticking = True
+
+    def tick() -> None:
+        nonlocal iteration
+        iteration += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    per_iteration: dict[int, int] = {}
+    all_handled = asyncio.Event()
+
+    def on_ids(ids: Any) -> None:
+        per_iteration[iteration] = per_iteration.get(iteration, 0) + len(list(ids))
+        if sum(per_iteration.values()) >= 10_000:
+            all_handled.set()
+
+    listener = ConfigListener(pg_dsn, on_ids, lambda: None)
+    listener.start()
+    try:
+        assert await listener.wait_first_attempt(10)
+        ids = [str(uuid.uuid4()) for _ in range(10_000)]
+        async with pg.transaction():
+            await pg.executemany(
+                "SELECT pg_notify('llm_gateway_tenant_config', $1)", [(i,) for i in ids]
+            )
+            tick()
+        await asyncio.wait_for(all_handled.wait(), WAIT)
+    finally:
+        ticking = False
+        await listener.close()
+    assert sum(per_iteration.values()) == len(ids)
+    assert max(per_iteration.values()) <= DRAIN_SLICE + 200
+    assert len(per_iteration) >= len(ids) // (DRAIN_SLICE + 200)
 
 
 def test_parse_notice_skips_malformed_ids() -> None:
