@@ -157,6 +157,38 @@ async def test_a_bulk_edit_of_10000_tenants_is_coalesced(
         await pg.execute("DELETE FROM tenants WHERE name = $1", tag)
 
 
+async def test_a_transaction_past_1000_notices_sends_one_all_notice_instead(
+    router: TenantLLMRouter, pg: asyncpg.Connection
+) -> None:
+    tag = f"rows-{uuid.uuid4().hex[:8]}"
+    ids: list[uuid.UUID] = await pg.fetchval(
+        "WITH t AS (INSERT INTO tenants (name, inference_config)"
+        " SELECT $1, $2::jsonb FROM generate_series(1, 1100) RETURNING id)"
+        " SELECT array_agg(id) FROM t",
+        tag,
+        json.dumps(_models(1)),
+    )
+    try:
+        await _barrier(router, pg)
+        last = ids[-1]  # edited after the 1,000th notice: only '*' announces it
+        assert await _model(router, last) == "model-1"
+        before = router.status()["config_listener"]
+        async with pg.transaction():
+            await pg.executemany(  # one statement, hence one notice, per tenant
+                _SET_CONFIG, [(t, json.dumps(_models(2))) for t in ids]
+            )
+
+        async def seen() -> bool:
+            return await _model(router, last) == "model-2"
+
+        await _until(seen, "the last tenant's edit served")
+        after = router.status()["config_listener"]
+        assert after["notices"] - before["notices"] == 1001  # 1,000 ids, then one '*'
+        assert after["resets"] - before["resets"] == 1
+    finally:
+        await pg.execute("DELETE FROM tenants WHERE name = $1", tag)
+
+
 async def test_a_lost_listening_connection_reconnects_and_drops_every_cached_config(
     pg_dsn: str, pg: asyncpg.Connection
 ) -> None:

@@ -6,7 +6,7 @@
 --   * sends NOTIFY llm_gateway_tenant_config with the changed ids, comma-separated, up to 200
 --     ids per notice (a payload is at most 8000 bytes): a bulk edit of 10,000 tenants is 50
 --     notices, not 10,000. PostgreSQL delivers them at COMMIT, and never for a rollback.
--- TRUNCATE sends '*' (every tenant). Routers LISTEN and drop those tenants' cached configs.
+-- TRUNCATE, and a transaction past 1,000 notices, send '*' (every tenant). Routers LISTEN and drop those tenants' cached configs.
 -- Edits of other columns (name, updated_at...) send nothing and record nothing.
 
 -- What changed, for people asking why routing changed. Token *values* (plaintext or
@@ -47,9 +47,18 @@ $$;
 -- Records and announces one statement's changed tenants (arrays aligned by position).
 -- SECURITY INVOKER (the default), so changed_by is the role that made the edit: a role that
 -- edits tenants needs INSERT on tenant_config_history.
+-- Past 1,000 notices in one transaction (e.g. 10,000 one-row UPDATE statements: one notice
+-- each), the rest of the transaction sends one '*' instead: each notice costs every router a
+-- callback in asyncpg, all run in one event-loop iteration (bench/README.md), while '*' costs
+-- a reload of the tenants actually in use. The count lives in a transaction-local setting.
 CREATE OR REPLACE FUNCTION llm_gateway_tenant_changes(
     ids uuid[], old_tokens jsonb[], new_tokens jsonb[], old_configs jsonb[], new_configs jsonb[]
 ) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    max_notices CONSTANT int := 1000;
+    sent int := coalesce(nullif(current_setting('llm_gateway.tenant_notices', true), ''),
+                         '0')::int;
+    chunks int;
 BEGIN
     IF coalesce(cardinality(ids), 0) = 0 THEN
         RETURN;
@@ -58,11 +67,21 @@ BEGIN
     SELECT c.id, c.old_config, c.new_config, llm_gateway_token_changes(c.old_tok, c.new_tok)
       FROM unnest(ids, old_tokens, new_tokens, old_configs, new_configs)
            AS c (id, old_tok, new_tok, old_config, new_config);
+    IF sent > max_notices THEN
+        RETURN;  -- '*' is already on its way
+    END IF;
+    chunks := (cardinality(ids) + 199) / 200;
+    IF sent + chunks > max_notices THEN
+        PERFORM pg_notify('llm_gateway_tenant_config', '*');
+        PERFORM set_config('llm_gateway.tenant_notices', (max_notices + 1)::text, true);
+        RETURN;
+    END IF;
     -- 200 ids (7,400 bytes) per notice, under the 8,000-byte payload limit.
     PERFORM pg_notify('llm_gateway_tenant_config', string_agg(d.id::text, ','))
       FROM (SELECT id, (row_number() OVER () - 1) / 200 AS chunk
               FROM (SELECT DISTINCT unnest(ids) AS id) u) d
      GROUP BY d.chunk;
+    PERFORM set_config('llm_gateway.tenant_notices', (sent + chunks)::text, true);
 END
 $$;
 
