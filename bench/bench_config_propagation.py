@@ -17,7 +17,7 @@ the repeats.
 Part 2: bulk edits of ``--bulk-tenants`` tenants in one transaction (one UPDATE; and one UPDATE
 per tenant) while each process has ``--cached`` of them cached: time until sampled cached
 tenants show the new config in every process, the listener's notices and handler time, and
-the worst event-loop stall (a request's wake-up later than planned) within 3 s of the commit,
+the worst event-loop stall (a 1 ms timer woken late) within 3 s of the commit,
 next to the worst stall during part 1.
 """
 
@@ -300,15 +300,15 @@ async def _run(args: argparse.Namespace) -> None:
                 "COMMIT ms",
                 "all see it ms",
                 "handler CPU ms (cum.)",
-                "longest notice CPU ms",
+                "longest slice CPU ms",
                 "worst stall ms",
             ],
             rows,
             "COMMIT ms: the COMMIT statement's own time; all see it: from before COMMIT to"
             " the first request in the last process whose 4 sampled cached tenants all show"
             " the new config; handler CPU ms: the listener's notice-handling CPU time in the"
-            " busiest process, cumulative since start (part 1 included); longest notice: the"
-            " CPU time of the longest single notice so far in any process; worst stall: the"
+            " busiest process, cumulative since start (part 1 included); longest slice: the"
+            " CPU time of the longest drain slice so far in any process; worst stall: the"
             " latest wake-up of a 1 ms timer in any process within 3 s of the COMMIT (OS"
             " scheduling included).",
         )
