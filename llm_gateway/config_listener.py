@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 import asyncpg
@@ -58,7 +58,7 @@ class ConfigListener:
     slices of about :data:`DRAIN_SLICE` ids per loop iteration, so a bulk edit does not stall
     the loop. ``on_reset()`` runs for ``*`` and after each successful (re)connect.
     ``ping_interval``: seconds between liveness checks of an idle connection (a silently dead
-    peer sends no reset). ``clock`` is for tests.
+    peer sends no reset). ``clock`` and ``sleep`` (the wait between tries) are for tests.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class ConfigListener:
         max_backoff: float = 5.0,
         ping_interval: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._dsn = dsn
         self._on_ids = on_ids
@@ -81,6 +82,7 @@ class ConfigListener:
         self._max_backoff = max_backoff
         self._ping_interval = ping_interval
         self._clock = clock
+        self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self._lost: asyncio.Event | None = None
@@ -167,7 +169,7 @@ class ConfigListener:
             self._set_state("reconnecting")
             if self._first_attempt is not None:
                 self._first_attempt.set()
-            await asyncio.sleep(backoff)
+            await self._sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _listen(self) -> None:

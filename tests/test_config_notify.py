@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -275,6 +276,36 @@ async def test_10000_notices_are_handled_in_slices_not_in_one_loop_iteration(
     assert sum(per_iteration.values()) == len(ids)
     assert max(per_iteration.values()) <= DRAIN_SLICE + 200
     assert len(per_iteration) >= len(ids) // (DRAIN_SLICE + 200)
+
+
+async def test_reconnect_backoff_doubles_up_to_5_seconds() -> None:
+    """Against a port that refuses connections: waits of 0.1 s doubling, never above 5 s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    waits: list[float] = []
+    enough = asyncio.Event()
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) >= 10:
+            enough.set()
+        await asyncio.sleep(0)
+
+    listener = ConfigListener(
+        f"postgresql://postgres:pw-not-logged@127.0.0.1:{port}/x", lambda ids: None,
+        lambda: None, sleep=sleep,
+    )  # fmt: skip
+    listener.start()
+    try:
+        await asyncio.wait_for(enough.wait(), WAIT)
+        status = listener.status()
+    finally:
+        await listener.close()
+    assert waits[:10] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0, 5.0]
+    assert status["state"] == "reconnecting" and status["connects"] == 0
+    assert status["last_error"] is not None and "pw-not-logged" not in str(status)
+    assert listener.status()["state"] == "closed"
 
 
 def test_parse_notice_skips_malformed_ids() -> None:
