@@ -224,19 +224,21 @@ class ConfigListener:
         started = time.thread_time()
         done = 0
         pending = self._pending
-        while pending and done < DRAIN_SLICE:
-            ids = parse_notice(pending.popleft())
-            if ids is None:
-                self._reset()
-                done += 1
+        try:
+            while pending and done < DRAIN_SLICE:
+                ids = parse_notice(pending.popleft())
+                if ids is None:
+                    self._reset()
+                    done += 1
+                else:
+                    self.ids += len(ids)
+                    self._on_ids(ids)
+                    done += len(ids) or 1
+        finally:  # a failing callback must not leave the queue undrained for good
+            if pending:
+                asyncio.get_running_loop().call_soon(self._drain)
             else:
-                self.ids += len(ids)
-                self._on_ids(ids)
-                done += len(ids) or 1
-        if pending:
-            asyncio.get_running_loop().call_soon(self._drain)
-        else:
-            self._draining = False
+                self._draining = False
         took = time.thread_time() - started
         self.handler_seconds += took
         self.handler_max = max(self.handler_max, took)
