@@ -33,6 +33,7 @@ from .chain import (
     route_for,
 )
 from .config import GroupEntry, TenantConfig, parse_model_groups
+from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
     ContextWindowExceededError,
@@ -101,6 +102,9 @@ class TenantLLMRouter:
         keyring: the key ring of tenants' encrypted keys: ``"id1:<base64>,id2:..."`` or a
             mapping of id to 32 key bytes, the active (encrypting) id first (default
             ``LLM_GATEWAY_KEYRING``; see :mod:`llm_gateway.secrets`).
+        config_notify: keep one connection on ``dsn`` listening for tenant config edits
+            (migration 006), so they reach the cache at once. Default: on, unless ``pool=``
+            is given without ``dsn=`` (the listener must reach the pool's database).
     """
 
     def __init__(
@@ -126,6 +130,7 @@ class TenantLLMRouter:
         fingerprint_key: str | None = None,
         model_groups: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
         keyring: KeyRing | str | Mapping[str, bytes] | None = None,
+        config_notify: bool | None = None,
     ) -> None:
         # Validated first: a malformed group is the caller's error, before any other setup.
         self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
@@ -162,6 +167,17 @@ class TenantLLMRouter:
             keyring=self._keyring,
         )
         self._fingerprint_key = fingerprint_key
+        listen = (pool is None or dsn is not None) if config_notify is None else config_notify
+        self._listener: ConfigListener | None = (
+            ConfigListener(
+                self.dsn,
+                self._store.invalidate_many,
+                self._store.invalidate,
+                connect_timeout=connect_timeout,
+            )
+            if listen
+            else None
+        )
         self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
@@ -194,6 +210,10 @@ class TenantLLMRouter:
                 self._fingerprint = await deployment_fingerprinter(
                     self._pool, self._fingerprint_key
                 )
+            if self._listener is not None:
+                # Bounded and never fatal: while it is down, the cache TTL bounds staleness.
+                self._listener.start()
+                await self._listener.wait_first_attempt(self.connect_timeout)
             if self._record_usage:
                 if self._tracker is None:
                     self._tracker = ModelUsageTracker(
@@ -227,6 +247,8 @@ class TenantLLMRouter:
         for stream in list(self._streams):
             stream._abandon()  # its row, before the tracker drains
         await asyncio.gather(*(p.aclose() for p in self._providers.values()))
+        if self._listener is not None:
+            await self._listener.close()
         if self._tracker is not None and self._owns_tracker:
             await self._tracker.close()
         if self._pool is not None and self._owns_pool:
@@ -267,7 +289,11 @@ class TenantLLMRouter:
     # --- configuration ---------------------------------------------------------------------
 
     def invalidate_cache(self, tenant_id: uuid.UUID | str | None = None) -> None:
-        """Drop one tenant's cached config (after editing it), or every tenant's."""
+        """Drop one tenant's cached config, or every tenant's, in this process only.
+
+        Rarely needed: with migration 006 every edit of ``tenants`` (by any process, plain SQL
+        included) notifies every router, whose listener drops the tenant's config itself.
+        """
         self._store.invalidate(tenant_id)
 
     async def set_tenant_keys(
@@ -504,8 +530,19 @@ class TenantLLMRouter:
     # --- introspection ---------------------------------------------------------------------
 
     def health(self) -> list[dict[str, Any]]:
-        """Health of every provider key used so far (fingerprints only, never keys)."""
+        """Health of every provider key used so far (fingerprints only, never keys).
+
+        The config listener's state is in :meth:`status`."""
         return self._health.snapshot()
+
+    def status(self) -> dict[str, Any]:
+        """``{"providers": health(), "config_listener": {...} or None}``.
+
+        ``config_listener["state"]``: ``starting``, ``listening``, ``reconnecting`` (configs
+        then expire by ``cache_ttl`` only) or ``closed``; ``None`` when it is off.
+        """
+        listener = self._listener.status() if self._listener is not None else None
+        return {"providers": self.health(), "config_listener": listener}
 
     async def explain(
         self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100, model: str | None = None

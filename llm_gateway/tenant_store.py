@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, Literal, TypeVar
 
 import asyncpg
@@ -175,6 +175,17 @@ class TenantConfigStore(Generic[T]):
             self._inflight.clear()
             return
         with contextlib.suppress(GatewayError):  # a malformed id was never cached
-            tid = as_tenant_id(tenant_id)
-            self._cache.pop(tid, None)
-            self._inflight.pop(tid, None)
+            self.invalidate_many((as_tenant_id(tenant_id),))
+
+    def invalidate_many(self, tenant_ids: Iterable[uuid.UUID]) -> None:
+        """Forget these tenants' configs and detach their loads, as :meth:`invalidate` does.
+
+        Called by the config listener for each notice (up to 200 ids): one pass, no I/O.
+        """
+        cache, inflight = self._cache, self._inflight
+        for tid in tenant_ids:
+            # Most ids of a bulk edit are not cached here: a lookup is 3x cheaper than pop().
+            if tid in cache:
+                cache.pop(tid, None)
+            if inflight:
+                inflight.pop(tid, None)
