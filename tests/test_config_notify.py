@@ -102,6 +102,7 @@ async def test_an_edit_of_other_columns_keeps_the_cached_config(
     tenant = await make_tenant(pg, inference_config=_models(1))
     assert await _model(router, tenant) == "model-1"
     await _barrier(router, pg)
+    assert await _model(router, tenant) == "model-1"  # cached after its insert's notice
     cached = router._store._cache[tenant]
     await pg.execute("UPDATE tenants SET name = 'renamed' WHERE id = $1", tenant)
     # Same config written again: not a change either.
