@@ -191,7 +191,10 @@ async def test_invalidate_cache_and_ttl(pg_dsn: str, pg: asyncpg.Connection, sim
             provider,
         )
 
-    async with TenantLLMRouter(pg_dsn, providers=sims.providers(), cache_ttl=3.0) as router:
+    # Without the NOTIFY listener: this is about invalidate_cache and the TTL alone.
+    async with TenantLLMRouter(
+        pg_dsn, providers=sims.providers(), cache_ttl=3.0, config_notify=False
+    ) as router:
         assert (await router.complete_for_tenant(tenant, MSG)).provider == "groq"
         await prefer("llm7")
         # Cached: the edit is not seen before invalidation or the TTL.
