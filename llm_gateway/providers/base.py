@@ -11,7 +11,13 @@ from typing import Any, Literal
 
 import orjson
 
-from ..errors import GatewayError, InvalidRequestError, MalformedResponseError, ProviderError
+from ..errors import (
+    EmptyResponseError,
+    GatewayError,
+    InvalidRequestError,
+    MalformedResponseError,
+    ProviderError,
+)
 from ..keys import ApiKey
 from .errors import classify
 
@@ -213,6 +219,33 @@ def tool_call_list(value: object) -> list[dict[str, Any]] | None:
     return value
 
 
+def empty_answer(
+    content: str,
+    tool_calls: Sequence[Any] | None,
+    output_tokens: int | None,
+    params: Mapping[str, Any],
+    provider: str,
+    model: str,
+) -> EmptyResponseError | None:
+    """The error for an empty answer, or ``None``; one rule for completions and streams.
+
+    Empty means all three: no content (empty or whitespace), no tool calls, and zero or
+    unreported completion tokens. Tokens spent (a reasoning model stopped at ``length``)
+    make an answer, however empty; so does anything a ``max_tokens: 0`` request gets.
+    """
+    if tool_calls or output_tokens or (content and not content.isspace()):
+        return None
+    for limit in ("max_tokens", "max_completion_tokens"):
+        value = params.get(limit)
+        if value == 0 and type(value) is not bool:
+            return None
+    return EmptyResponseError(
+        "empty answer: no content, no tool calls, no completion tokens",
+        provider=provider,
+        model=model,
+    )
+
+
 def parse_completion(
     provider: str, requested_model: str, body: bytes, headers: Any
 ) -> ProviderResponse:
@@ -220,8 +253,10 @@ def parse_completion(
 
     Total over every JSON value: the fields that carry the answer (``choices[0].message``,
     its ``content`` and ``tool_calls``) must have their documented types or the attempt is
-    malformed; wrong types in the others (``model``, ``finish_reason``, ``usage`` and its
-    counts) are treated as not reported (see :func:`token_count`).
+    malformed (a ``null`` content is ``""``: whether the answer is empty is
+    :func:`empty_answer`'s decision); wrong types in the others (``model``,
+    ``finish_reason``, ``usage`` and its counts) are treated as not reported (see
+    :func:`token_count`).
     """
     if not body:
         raise _malformed("empty response body", provider, requested_model)
@@ -252,8 +287,6 @@ def parse_completion(
         tool_calls = tool_call_list(message.get("tool_calls"))
     except ValueError as exc:
         raise _malformed(str(exc), provider, requested_model) from None
-    if content is None and tool_calls is None:
-        raise _malformed("choice has neither content nor tool calls", provider, requested_model)
     usage = data.get("usage")
     if type(usage) is not dict:
         usage = _NO_USAGE
@@ -337,7 +370,18 @@ class Provider:
         except Exception as exc:
             error = classify(exc, self.name, model, key)
         else:
-            return parse_completion(self.name, model, content, response.headers)
+            parsed = parse_completion(self.name, model, content, response.headers)
+            empty = empty_answer(
+                parsed.content,
+                parsed.tool_calls,
+                parsed.output_tokens,
+                params,
+                self.name,
+                parsed.model,
+            )
+            if empty is None:
+                return parsed
+            error = empty
         # Raised outside the except block: the SDK exception holds the request, whose headers
         # hold the key, and must not ride along as __context__.
         raise error
