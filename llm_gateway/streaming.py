@@ -25,7 +25,8 @@ from .chain import ChainEntry
 from .errors import MalformedResponseError, MidStreamError, ProviderError, ProviderTimeoutError
 from .health import HealthRegistry, KeyHealth
 from .providers import Provider
-from .providers.base import ProviderStream, empty_answer
+from .providers.base import ProviderStream
+from .providers.response import empty_answer
 from .providers.sse import StreamChunk, StreamProgress
 from .types import CompletionResult
 

@@ -14,7 +14,7 @@ from ..errors import (
     RateLimitError,
     ServerError,
 )
-from .base import _loads, token_count, token_detail, tool_call_list
+from .response import _loads, token_count, token_detail, tool_call_list
 
 _NO_DELTA: Mapping[str, Any] = {}
 
