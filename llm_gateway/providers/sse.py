@@ -106,6 +106,27 @@ class StreamChunk:
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class _Call:
+    """One tool call being assembled; its arguments are kept as pieces (joined once)."""
+
+    __slots__ = ("arguments", "chars", "id", "name", "type")
+
+    def __init__(self, call_id: str | None) -> None:
+        self.id = call_id or ""
+        self.type = "function"
+        self.name = ""
+        self.arguments: list[str] = []
+        self.chars = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        arguments = "".join(self.arguments)
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": arguments},
+        }
+
+
 class _ToolCalls:
     """Tool-call deltas folded into complete calls.
 
@@ -113,13 +134,14 @@ class _ToolCalls:
     under the call's ``index``; calls of a parallel answer may interleave. Some compatible
     servers send each call whole without ``index``: such a delta starts a new call when it
     has a new ``id`` or a name while the last call has one, else it continues the last call.
+    Pieces are joined once, at the end: folding is linear in the arguments' length.
     """
 
     __slots__ = ("by_index", "calls")
 
     def __init__(self) -> None:
-        self.calls: list[tuple[int, dict[str, Any]]] = []  # (order, call), first seen first
-        self.by_index: dict[int, dict[str, Any]] = {}
+        self.calls: list[tuple[int, _Call]] = []  # (order, call), first seen first
+        self.by_index: dict[int, _Call] = {}
 
     def fold(self, delta: Mapping[str, Any]) -> None:
         """Fold one delta in; raises ``ValueError`` for a field of the wrong type."""
@@ -136,44 +158,37 @@ class _ToolCalls:
         call_id, kind = delta.get("id"), delta.get("type")
         call_id = call_id if type(call_id) is str else None
         index = delta.get("index")
-        call: dict[str, Any] | None
+        call: _Call | None
         if type(index) is int:
             call = self.by_index.get(index)
         else:
             index = None
             last = self.calls[-1][1] if self.calls else None
-            new_id = call_id and last is not None and call_id != last["id"]
-            call = None if last is None or new_id or (name and last["function"]["name"]) else last
+            new_id = call_id and last is not None and call_id != last.id
+            call = None if last is None or new_id or (name and last.name) else last
         if call is None:
-            call = {
-                "id": call_id or "",
-                "type": "function",
-                "function": {"name": "", "arguments": ""},
-            }
-            order = index if index is not None else len(self.calls)
-            self.calls.append((order, call))
+            call = _Call(call_id)
+            self.calls.append((index if index is not None else len(self.calls), call))
             if index is not None:
                 self.by_index[index] = call
-        if call_id and not call["id"]:
-            call["id"] = call_id
+        elif call_id and not call.id:
+            call.id = call_id
         if kind and type(kind) is str:
-            call["type"] = kind
-        function = call["function"]
+            call.type = kind
         # A name sent again whole is not doubled; one sent in pieces is joined.
-        if name and function["name"] != name:
-            function["name"] += name
+        if name and call.name != name:
+            call.name += name
         if arguments:
-            function["arguments"] += arguments
+            call.arguments.append(arguments)
+            call.chars += len(arguments)
 
     def result(self) -> list[dict[str, Any]] | None:
         if not self.calls:
             return None
-        return [call for _, call in sorted(self.calls, key=lambda entry: entry[0])]
+        return [call.as_dict() for _, call in sorted(self.calls, key=lambda entry: entry[0])]
 
     def chars(self) -> int:
-        return sum(
-            len(c["function"]["name"]) + len(c["function"]["arguments"]) for _, c in self.calls
-        )
+        return sum(len(call.name) + call.chars for _, call in self.calls)
 
 
 def content_chars(content: object) -> int:
