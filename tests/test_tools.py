@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -265,6 +266,36 @@ def test_complete_calls_without_index_are_kept_apart() -> None:
 def test_tool_call_deltas_of_the_wrong_shape_are_malformed(delta: dict[str, Any]) -> None:
     with pytest.raises(MalformedResponseError):
         StreamProgress("m").apply(_chunk(delta), "p")
+
+
+def test_random_tool_call_deltas_fold_totally() -> None:
+    """Any delta sequence either folds into well-typed calls or is a MalformedResponseError."""
+    rng = random.Random(1729)
+    values: list[Any] = [None, 0, 1, -1, True, "", "a", "call_x", "{", [], {}, 2.5, {"x": 1}]
+
+    def delta() -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        for key in ("index", "id", "type"):
+            if rng.random() < 0.6:
+                fields[key] = rng.choice(values)
+        if rng.random() < 0.8:
+            fn = {k: rng.choice(values) for k in ("name", "arguments") if rng.random() < 0.7}
+            fields["function"] = fn if rng.random() < 0.8 else rng.choice(values)
+        return fields
+
+    folded = 0
+    for _ in range(2000):
+        progress = StreamProgress("m")
+        try:
+            for _ in range(rng.randint(1, 6)):
+                progress.apply(_chunk({"tool_calls": [delta()]}), "p")
+        except MalformedResponseError:
+            continue
+        folded += 1
+        for call in progress.tool_calls() or []:
+            assert all(type(call[k]) is str for k in ("id", "type"))
+            assert all(type(v) is str for v in call["function"].values())
+    assert 0 < folded < 2000
 
 
 # --- structured output -----------------------------------------------------------------------

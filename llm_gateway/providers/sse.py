@@ -97,7 +97,11 @@ async def iter_events(
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """One piece of a streamed answer."""
+    """One piece of a streamed answer.
+
+    ``tool_calls`` are this chunk's raw deltas (pieces of calls, with their ``index``); the
+    complete calls are on the stream's result.
+    """
 
     content: str
     provider: str
