@@ -20,6 +20,7 @@ __all__ = [
     "ContextWindowExceededError",
     "DatabaseError",
     "DeadlineExceededError",
+    "EmptyResponseError",
     "GatewayError",
     "InvalidRequestError",
     "InvalidTenantConfigError",
@@ -199,6 +200,15 @@ class ServerError(ProviderError):
 
 class MalformedResponseError(ProviderError):
     """A 2xx response whose body is empty, not JSON, or has no usable choice."""
+
+
+class EmptyResponseError(ProviderError):
+    """A 2xx answer with no content (empty or whitespace), no tool calls and no completion
+    tokens (zero or unreported), completed or streamed. Overloaded free-tier models answer
+    this way; another provider may not. Not raised for a request with ``max_tokens: 0``.
+    """
+
+    status = "empty_response"
 
 
 class AuthenticationError(ProviderError):

@@ -1,7 +1,10 @@
 """Streamed completions: failover until the first content chunk, typed errors after it.
 
-The router reads ahead on each provider of the chain until a chunk with content (or a tool
-call) arrives; only then is the stream handed to the caller. A failure after that raises
+The router reads ahead on each provider of the chain until a chunk with content (text that
+is not only whitespace, or a tool call) arrives; only then is the stream handed to the
+caller, the chunks read ahead first. A stream that ends before that is an empty answer
+(:class:`EmptyResponseError`, failed over) unless it spent completion tokens or the request
+asked for none, the same rule as for completions. A failure after that raises
 :class:`MidStreamError` with what was received; it is never silently switched to another
 provider. Every ending writes one usage row: success, error, timeout or cancelled.
 """
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import time
 import warnings
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -22,6 +26,7 @@ from .errors import MalformedResponseError, MidStreamError, ProviderError, Provi
 from .health import HealthRegistry, KeyHealth
 from .providers import Provider
 from .providers.base import ProviderStream
+from .providers.response import empty_answer
 from .providers.sse import StreamChunk, StreamProgress
 from .types import CompletionResult
 
@@ -71,7 +76,7 @@ class CompletionStream:
         self._stream: ProviderStream | None = None
         self._events: AsyncIterator[dict[str, Any]] | None = None
         self._progress: StreamProgress | None = None
-        self._pending: StreamChunk | None = None
+        self._pending: deque[StreamChunk] = deque()
         self._attempt_started = 0.0
         self._ttft = 0.0
         self._done = False
@@ -84,8 +89,12 @@ class CompletionStream:
         self._stream = None
         self._events = None
 
-    async def run(self, entry: ChainEntry, timeout: float) -> StreamChunk:
-        """Open a stream on ``entry`` and read it up to its first content chunk."""
+    async def run(self, entry: ChainEntry, timeout: float) -> deque[StreamChunk]:
+        """Open a stream on ``entry`` and read it up to its first content chunk.
+
+        Returns the chunks read so far (whitespace before the content is kept), or every
+        chunk of a stream that ended without content but is no empty answer.
+        """
         progress = self._progress
         assert progress is not None
         # ``timeout`` bounds the opening; each later read gets the whole chunk_timeout.
@@ -98,19 +107,29 @@ class CompletionStream:
             chunk_timeout=self._chunk_timeout,
         )
         self._events = events = stream.events()
-        first = None
-        try:
-            while first is None:
-                first = progress.apply(await anext(events), entry.provider)
-        except StopAsyncIteration:
+        read: deque[StreamChunk] = deque()
+        async for event in events:
+            chunk = progress.apply(event, entry.provider)
+            if chunk is not None:
+                read.append(chunk)
+                if progress.substantive:
+                    return read
+        # The stream ended before any content: usage (sent last) says if it is empty.
+        empty = empty_answer(
+            progress.content,
+            progress.tool_calls(),
+            progress.output_tokens,
+            self._params,
+            entry.provider,
+            progress.model,
+        )
+        if empty is not None:
+            raise empty
+        if progress.finish_reason is None:
             raise MalformedResponseError(
-                "stream closed with no content", provider=entry.provider, model=entry.model
-            ) from None
-        if not progress.has_content:
-            raise MalformedResponseError(
-                "stream finished before any content", provider=entry.provider, model=entry.model
+                "stream ended without a finish reason", provider=entry.provider, model=entry.model
             )
-        return first
+        return read
 
     def row(self, cancelled: bool) -> Mapping[str, Any]:
         if not cancelled:
@@ -131,7 +150,7 @@ class CompletionStream:
             await stream.aclose()
 
     def succeed(
-        self, entry: ChainEntry, state: KeyHealth, first: StreamChunk, started: float
+        self, entry: ChainEntry, state: KeyHealth, first: deque[StreamChunk], started: float
     ) -> CompletionStream:
         self._entry, self._state, self._pending = entry, state, first
         self._attempt_started = started
@@ -144,10 +163,8 @@ class CompletionStream:
         return self
 
     async def __anext__(self) -> StreamChunk:
-        pending = self._pending
-        if pending is not None:
-            self._pending = None
-            return pending
+        if self._pending:
+            return self._pending.popleft()
         if self._done:
             raise StopAsyncIteration
         assert self._events is not None and self._progress is not None and self._entry is not None
@@ -196,7 +213,7 @@ class CompletionStream:
             f"stream failed after content reached the caller: {error}",
             provider=entry.provider,
             model=progress.model,
-            partial_content="".join(progress.parts),
+            partial_content=progress.content,
             cause=type(error).__name__,
         ) from None
 
@@ -256,7 +273,7 @@ class CompletionStream:
         )
         if outcome == "success":
             self.result = CompletionResult(
-                content="".join(progress.parts),
+                content=progress.content,
                 provider=entry.provider,
                 model=progress.model,
                 tokens_input=inp,
@@ -264,7 +281,7 @@ class CompletionStream:
                 cost=cost,
                 latency=time.monotonic() - self._started,
                 finish_reason=progress.finish_reason,
-                tool_calls=progress.tools or None,
+                tool_calls=progress.tool_calls(),
                 attempts=tuple(self._ledger.attempts),
                 request_id=self._ledger.request_id,
                 requested_model=entry.model,

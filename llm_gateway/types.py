@@ -26,7 +26,8 @@ class Attempt:
     provider: str
     model: str
     key_source: str
-    outcome: str  # the usage row's status: success, error, rate_limit, timeout, auth_error, ...
+    # The usage row's status: success, error, rate_limit, timeout, auth_error, empty_response, ...
+    outcome: str
     latency: float  # seconds
     usage_id: uuid.UUID
     error_class: str | None = None
@@ -39,7 +40,10 @@ class CompletionResult:
     """The answer to ``complete_for_tenant``.
 
     ``cost`` is ``None`` when the served model has no known price. ``latency`` is the whole
-    request in seconds, failed attempts included.
+    request in seconds, failed attempts included. ``tool_calls`` are complete calls in
+    OpenAI's shape (``id``, ``type``, ``function.name``, ``function.arguments`` as a JSON
+    string), assembled from the deltas for a stream; ``None`` when the answer has none.
+    ``content`` is ``""`` when the answer is only tool calls.
     """
 
     content: str

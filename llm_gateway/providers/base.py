@@ -1,4 +1,4 @@
-"""What every provider family shares: settings, the normalised response, and the call itself."""
+"""What every provider family shares: settings and the call itself (parsing: :mod:`.response`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import orjson
 from ..errors import GatewayError, InvalidRequestError, MalformedResponseError, ProviderError
 from ..keys import ApiKey
 from .errors import classify
-
-_loads = orjson.loads
+from .response import ProviderResponse as ProviderResponse
+from .response import empty_answer as empty_answer
+from .response import parse_completion as parse_completion
 
 
 def _jsonable(value: object) -> object:
@@ -154,125 +155,6 @@ def provider_settings(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderResponse:
-    """A successful completion, normalised across providers."""
-
-    content: str
-    model: str
-    finish_reason: str | None
-    tool_calls: list[dict[str, Any]] | None
-    input_tokens: int | None
-    output_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
-    headers: Mapping[str, str]
-    raw: dict[str, Any]
-
-
-# Larger counts are nonsense, and their sum could overflow the bigint columns of the row.
-_MAX_TOKENS = 2**40
-_NO_USAGE: Mapping[str, Any] = {}
-
-
-def token_count(value: object) -> int | None:
-    """A reported token count, or ``None`` when it is missing or not a count.
-
-    Providers and proxies sometimes send ``12.0`` or ``"12"``: integral floats and ASCII
-    digit strings are coerced. Anything else (negative, bool, ``12.5``, ``"1e3"``, a list,
-    above 2**40) is treated as *not reported*, never as a failed attempt: the answer itself
-    is fine, only its count is unknown (the row gets NULL tokens and NULL cost).
-    """
-    if type(value) is int:  # the usual case; excludes bool
-        return value if 0 <= value <= _MAX_TOKENS else None
-    if type(value) is float:
-        return int(value) if value.is_integer() and 0 <= value <= _MAX_TOKENS else None
-    if type(value) is str and 0 < len(value) <= 13 and value.isascii() and value.isdigit():
-        count = int(value)
-        return count if count <= _MAX_TOKENS else None
-    return None
-
-
-def token_detail(usage: Mapping[str, Any], group: str, name: str) -> int | None:
-    """A count from ``usage[group][name]`` (cached / reasoning tokens), if reported."""
-    details = usage.get(group)
-    return token_count(details.get(name)) if isinstance(details, dict) else None
-
-
-def _malformed(reason: str, provider: str, model: str) -> MalformedResponseError:
-    return MalformedResponseError(reason, provider=provider, model=model)
-
-
-def tool_call_list(value: object) -> list[dict[str, Any]] | None:
-    """``tool_calls`` as a list of objects, ``None`` when absent/empty; raises ``ValueError``
-    for any other shape (the callers turn it into :class:`MalformedResponseError`)."""
-    if not value:
-        return None
-    if type(value) is not list or not all(type(call) is dict for call in value):
-        raise ValueError("tool_calls is not a list of objects")
-    return value
-
-
-def parse_completion(
-    provider: str, requested_model: str, body: bytes, headers: Any
-) -> ProviderResponse:
-    """Turn a 2xx body into a :class:`ProviderResponse`, or raise MalformedResponseError.
-
-    Total over every JSON value: the fields that carry the answer (``choices[0].message``,
-    its ``content`` and ``tool_calls``) must have their documented types or the attempt is
-    malformed; wrong types in the others (``model``, ``finish_reason``, ``usage`` and its
-    counts) are treated as not reported (see :func:`token_count`).
-    """
-    if not body:
-        raise _malformed("empty response body", provider, requested_model)
-    try:
-        data = _loads(body)
-    except ValueError:
-        raise _malformed(
-            f"response body is not JSON ({body[:40]!r})", provider, requested_model
-        ) from None
-    if type(data) is not dict:
-        raise _malformed("response body is not a JSON object", provider, requested_model)
-    choices = data.get("choices")
-    if not choices or type(choices) is not list or type(choices[0]) is not dict:
-        error = data.get("error")
-        if error:
-            reason = f"in-band error: {str(error)[:200]}"
-        else:
-            reason = "choices of the wrong shape" if choices else "no choices in response"
-        raise _malformed(reason, provider, requested_model)
-    choice = choices[0]
-    message = choice.get("message")
-    if type(message) is not dict:
-        raise _malformed("choice has no message object", provider, requested_model)
-    content = message.get("content")
-    if content is not None and type(content) is not str:
-        raise _malformed("message content is not a string", provider, requested_model)
-    try:
-        tool_calls = tool_call_list(message.get("tool_calls"))
-    except ValueError as exc:
-        raise _malformed(str(exc), provider, requested_model) from None
-    if content is None and tool_calls is None:
-        raise _malformed("choice has neither content nor tool calls", provider, requested_model)
-    usage = data.get("usage")
-    if type(usage) is not dict:
-        usage = _NO_USAGE
-    model = data.get("model")
-    finish = choice.get("finish_reason")
-    return ProviderResponse(
-        content=content or "",
-        model=model if model and type(model) is str else requested_model,
-        finish_reason=finish if type(finish) is str else None,
-        tool_calls=tool_calls,
-        input_tokens=token_count(usage.get("prompt_tokens")),
-        output_tokens=token_count(usage.get("completion_tokens")),
-        cached_tokens=token_detail(usage, "prompt_tokens_details", "cached_tokens"),
-        reasoning_tokens=token_detail(usage, "completion_tokens_details", "reasoning_tokens"),
-        headers=headers,
-        raw=data,
-    )
-
-
 class Provider:
     """One provider's SDK client, shared by every request and tenant of a router.
 
@@ -337,7 +219,18 @@ class Provider:
         except Exception as exc:
             error = classify(exc, self.name, model, key)
         else:
-            return parse_completion(self.name, model, content, response.headers)
+            parsed = parse_completion(self.name, model, content, response.headers)
+            empty = empty_answer(
+                parsed.content,
+                parsed.tool_calls,
+                parsed.output_tokens,
+                params,
+                self.name,
+                parsed.model,
+            )
+            if empty is None:
+                return parsed
+            error = empty
         # Raised outside the except block: the SDK exception holds the request, whose headers
         # hold the key, and must not ride along as __context__.
         raise error

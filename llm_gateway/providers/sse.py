@@ -14,7 +14,7 @@ from ..errors import (
     RateLimitError,
     ServerError,
 )
-from .base import _loads, token_count, token_detail, tool_call_list
+from .response import _loads, token_count, token_detail, tool_call_list
 
 _NO_DELTA: Mapping[str, Any] = {}
 
@@ -97,7 +97,11 @@ async def iter_events(
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
-    """One piece of a streamed answer."""
+    """One piece of a streamed answer.
+
+    ``tool_calls`` are this chunk's raw deltas (pieces of calls, with their ``index``); the
+    complete calls are on the stream's result.
+    """
 
     content: str
     provider: str
@@ -106,11 +110,123 @@ class StreamChunk:
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class _Call:
+    """One tool call being assembled; its arguments are kept as pieces (joined once)."""
+
+    __slots__ = ("arguments", "chars", "id", "name", "type")
+
+    def __init__(self, call_id: str | None) -> None:
+        self.id = call_id or ""
+        self.type = "function"
+        self.name = ""
+        self.arguments: list[str] = []
+        self.chars = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        arguments = "".join(self.arguments)
+        return {
+            "id": self.id,
+            "type": self.type,
+            "function": {"name": self.name, "arguments": arguments},
+        }
+
+
+class _ToolCalls:
+    """Tool-call deltas folded into complete calls.
+
+    OpenAI sends each call's ``id`` and name once, then its ``arguments`` in pieces, all
+    under the call's ``index``; calls of a parallel answer may interleave. Some compatible
+    servers send each call whole without ``index``: such a delta starts a new call when it
+    has a new ``id`` or a name while the last call has one, else it continues the last call.
+    Pieces are joined once, at the end: folding is linear in the arguments' length.
+    """
+
+    __slots__ = ("by_index", "calls")
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, _Call]] = []  # (order, call), first seen first
+        self.by_index: dict[int, _Call] = {}
+
+    def fold(self, delta: Mapping[str, Any]) -> None:
+        """Fold one delta in; raises ``ValueError`` for a field of the wrong type."""
+        fn = delta.get("function")
+        if fn is None:
+            fn = _NO_DELTA
+        elif type(fn) is not dict:
+            raise ValueError("tool call function is not an object")
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if (name is not None and type(name) is not str) or (
+            arguments is not None and type(arguments) is not str
+        ):
+            raise ValueError("tool call name or arguments is not a string")
+        call_id, kind = delta.get("id"), delta.get("type")
+        call_id = call_id if type(call_id) is str else None
+        index = delta.get("index")
+        call: _Call | None
+        if type(index) is int:
+            call = self.by_index.get(index)
+        else:
+            index = None
+            last = self.calls[-1][1] if self.calls else None
+            new_id = call_id and last is not None and call_id != last.id
+            call = None if last is None or new_id or (name and last.name) else last
+        if call is None:
+            call = _Call(call_id)
+            self.calls.append((index if index is not None else len(self.calls), call))
+            if index is not None:
+                self.by_index[index] = call
+        elif call_id and not call.id:
+            call.id = call_id
+        if kind and type(kind) is str:
+            call.type = kind
+        # A name sent again whole is not doubled; one sent in pieces is joined.
+        if name and call.name != name:
+            call.name += name
+        if arguments:
+            call.arguments.append(arguments)
+            call.chars += len(arguments)
+
+    def result(self) -> list[dict[str, Any]] | None:
+        if not self.calls:
+            return None
+        return [call.as_dict() for _, call in sorted(self.calls, key=lambda entry: entry[0])]
+
+    def chars(self) -> int:
+        return sum(len(call.name) + call.chars for _, call in self.calls)
+
+
+def content_chars(content: object) -> int:
+    """Characters of a message ``content``: a string, or the text of its parts (not images)."""
+    if type(content) is str:
+        return len(content)
+    if type(content) is list:
+        return sum(
+            len(text)
+            for part in content
+            if type(part) is dict and type(text := part.get("text")) is str
+        )
+    return 0
+
+
+def _message_chars(message: Mapping[str, Any]) -> int:
+    chars = content_chars(message.get("content"))
+    calls = message.get("tool_calls")  # an assistant turn of the conversation's history
+    if type(calls) is list:
+        for call in calls:
+            fn = call.get("function") if type(call) is dict else None
+            if type(fn) is dict:
+                chars += sum(
+                    len(v) for v in (fn.get("name"), fn.get("arguments")) if type(v) is str
+                )
+    return chars
+
+
 class StreamProgress:
     """What one streamed attempt has received so far: text, tool calls, usage."""
 
     __slots__ = (
         "cached_tokens",
+        "calls",
         "chunks",
         "finish_reason",
         "input_tokens",
@@ -118,14 +234,16 @@ class StreamProgress:
         "output_tokens",
         "parts",
         "reasoning_tokens",
-        "tools",
+        "substantive",
     )
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.parts: list[str] = []
-        self.tools: list[dict[str, Any]] = []
+        self.calls = _ToolCalls()
         self.chunks = 0
+        # Whether anything but whitespace arrived: text or a tool call.
+        self.substantive = False
         self.finish_reason: str | None = None
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
@@ -188,8 +306,15 @@ class StreamProgress:
             return None
         if text:
             self.parts.append(text)
+            if not self.substantive and not text.isspace():
+                self.substantive = True
         if tools:
-            self.tools.extend(tools)
+            try:
+                for delta_call in tools:
+                    self.calls.fold(delta_call)
+            except ValueError as exc:
+                raise self._malformed(f"stream chunk {exc}", provider) from None
+            self.substantive = True
         self.chunks += 1
         return StreamChunk(text, provider, self.model, finish, tools)
 
@@ -197,16 +322,26 @@ class StreamProgress:
         return MalformedResponseError(reason, provider=provider, model=self.model)
 
     @property
-    def has_content(self) -> bool:
-        return bool(self.parts or self.tools)
+    def content(self) -> str:
+        return "".join(self.parts)
+
+    def tool_calls(self) -> list[dict[str, Any]] | None:
+        """The tool calls assembled from every delta so far (``None``: there were none)."""
+        return self.calls.result()
 
     def tokens(self, messages: Sequence[Mapping[str, Any]]) -> tuple[int | None, int | None, bool]:
-        """Input and output tokens: reported ones, else an estimate (flagged)."""
+        """Input and output tokens: reported ones, else an estimate (flagged).
+
+        The estimate is about 4 characters a token, of the messages' text (images are not
+        text) and of what was produced: text and tool calls (names and arguments).
+        """
         if self.input_tokens is not None and self.output_tokens is not None:
             return self.input_tokens, self.output_tokens, False
-        prompt = sum(len(str(m.get("content") or "")) for m in messages)
-        inp = self.input_tokens if self.input_tokens is not None else prompt // 4 + 1
+        inp = self.input_tokens
+        if inp is None:
+            inp = sum(_message_chars(m) for m in messages) // 4 + 1
         out = self.output_tokens
         if out is None:
-            out = sum(len(p) for p in self.parts) // 4 + (1 if self.parts else 0)
+            produced = sum(len(p) for p in self.parts) + self.calls.chars()
+            out = produced // 4 + (1 if produced else 0)
         return inp, out, True

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .behaviour import DEFAULT_MODEL, MALFORMED_BODY, SSE_DONE, Behaviour, dumps, sse
+from .structured import json_content, planned_calls
 
 __all__ = ["Answer", "last_user_text", "prompt_chars", "split_text"]
 
@@ -38,17 +39,6 @@ def last_user_text(body: Mapping[str, Any]) -> str:
             if isinstance(m, dict) and m.get("role") == "user":
                 return _text(m.get("content"))
     return ""
-
-
-def tool_to_call(body: Mapping[str, Any]) -> str | None:
-    """Name of the first tool when the request offers tools (and does not forbid them)."""
-    tools = body.get("tools")
-    if not isinstance(tools, list) or not tools or body.get("tool_choice") == "none":
-        return None
-    first = tools[0]
-    fn = first.get("function") if isinstance(first, dict) else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    return name if isinstance(name, str) else "tool"
 
 
 def usage(
@@ -93,7 +83,7 @@ class Answer:
     created: int
     model: str
     content: str
-    tool: str | None
+    calls: list[tuple[str, str]]  # (function name, arguments JSON); [] answers with content
     usage: dict[str, Any]
     flavor: str
 
@@ -109,22 +99,37 @@ class Answer:
         seq: int,
         created: int,
     ) -> Answer:
-        """Build the deterministic answer to chat request ``body``."""
+        """Build the deterministic answer to chat request ``body``.
+
+        Tools offered: tool calls (see :func:`.structured.planned_calls`); JSON mode: JSON
+        content; ``empty_answer``: no content, no tool calls, zero completion tokens. The
+        reported completion tokens count what was produced, tool calls included.
+        """
         requested = body.get("model")
         model = model or (requested if isinstance(requested, str) else None) or DEFAULT_MODEL
-        content = beh.content if beh.content is not None else f"[{name}] {last_user_text(body)}"
-        tool = tool_to_call(body)
-        produced = len(tool) + 2 if tool is not None else len(content)
+        user = last_user_text(body)
+        calls: list[tuple[str, str]] = []
+        if beh.kind == "empty_answer":
+            content = ""
+        elif beh.content is not None:
+            content = beh.content
+        else:
+            calls = planned_calls(body, user)
+            text = f"[{name}] {user}"
+            content = json_content(body, text) or text
+        produced = sum(len(n) + len(a) for n, a in calls) if calls else len(content)
         prompt = beh.prompt_tokens if beh.prompt_tokens is not None else prompt_chars(body) // 4 + 1
-        completion = (
-            beh.completion_tokens if beh.completion_tokens is not None else produced // 4 + 1
-        )
+        completion = beh.completion_tokens
+        if beh.kind == "empty_answer":
+            completion = 0
+        elif completion is None:
+            completion = produced // 4 + 1
         return cls(
             cid=f"chatcmpl-{name}-{seq}",
             created=created,
             model=model,
             content=content,
-            tool=tool,
+            calls=calls,
             usage=usage(prompt, completion, beh.cached_tokens, beh.reasoning_tokens),
             flavor=flavor,
         )
@@ -132,22 +137,22 @@ class Answer:
     @property
     def finish_reason(self) -> str:
         """``"tool_calls"`` when answering with a tool call, else ``"stop"``."""
-        return "stop" if self.tool is None else "tool_calls"
+        return "tool_calls" if self.calls else "stop"
 
-    def _tool_call(self, arguments: str) -> dict[str, Any]:
+    def _tool_call(self, i: int, arguments: str) -> dict[str, Any]:
         return {
-            "id": f"call_{self.cid}",
+            "id": f"call_{self.cid}_{i}",
             "type": "function",
-            "function": {"name": self.tool, "arguments": arguments},
+            "function": {"name": self.calls[i][0], "arguments": arguments},
         }
 
     def completion(self, *, empty_choices: bool = False) -> bytes:
         """The ``chat.completion`` JSON body."""
         message: dict[str, Any] = {"role": "assistant", "content": None}
-        if self.tool is None:
+        if not self.calls:
             message["content"] = self.content
         else:
-            message["tool_calls"] = [self._tool_call("{}")]
+            message["tool_calls"] = [self._tool_call(i, a) for i, (_, a) in enumerate(self.calls)]
         choice = {
             "index": 0,
             "message": message,
@@ -185,16 +190,28 @@ class Answer:
         return self._bare_chunk(choices=[choice], **extra)
 
     def _deltas(self, pieces: int) -> list[bytes]:
-        """The role chunk followed by the content (or tool call) chunks."""
+        """The role chunk followed by the content (or tool call) chunks.
+
+        Tool calls go one after the other, as OpenAI sends them: a chunk with the call's
+        ``index``, ``id`` and name, then its arguments split over ``pieces`` chunks.
+        """
         extra: dict[str, Any] = {}
         if self.flavor == "groq":
             extra["x_groq"] = {"id": f"req_{self.cid}"}
-        if self.tool is not None:
-            first = {"index": 0, **self._tool_call("")}
-            return [
-                self._chunk({"role": "assistant", "content": None, "tool_calls": [first]}, **extra),
-                self._chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
-            ]
+        if self.calls:
+            out: list[bytes] = []
+            for i, (_, arguments) in enumerate(self.calls):
+                head = [{"index": i, **self._tool_call(i, "")}]
+                if i == 0:
+                    delta = {"role": "assistant", "content": None, "tool_calls": head}
+                    out.append(self._chunk(delta, **extra))
+                else:
+                    out.append(self._chunk({"tool_calls": head}))
+                out.extend(
+                    self._chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+                    for piece in split_text(arguments, pieces)
+                )
+            return out
         out = [self._chunk({"role": "assistant", "content": ""}, **extra)]
         out.extend(self._chunk({"content": p}) for p in split_text(self.content, pieces))
         return out

@@ -97,7 +97,7 @@ STREAM_ONLY_BEHAVIOURS: Final = frozenset(
 """Behaviours that only make sense for ``"stream": true``; other requests get ``"ok"``."""
 
 BEHAVIOURS: Final = frozenset(
-    {"ok", "drop", "hang", "malformed", "empty", "html", "empty_choices", "raw"}
+    {"ok", "drop", "hang", "malformed", "empty", "html", "empty_choices", "raw", "empty_answer"}
     | set(STATUS_BEHAVIOURS)
     | STREAM_ONLY_BEHAVIOURS
 )
