@@ -15,12 +15,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
+from .config import HedgeConfig
 from .errors import (
     AllProvidersFailedError,
     DeadlineExceededError,
@@ -33,7 +34,7 @@ from .health import HealthRegistry, KeyHealth
 from .providers import Provider, ProviderResponse
 from .types import Attempt, CompletionResult, TaskType
 
-__all__ = ["AttemptKind", "CompletionCall", "RequestLedger", "run_attempts"]
+__all__ = ["AttemptKind", "AttemptTimer", "CompletionCall", "RequestLedger", "run_attempts"]
 
 log = logging.getLogger("llm_gateway")
 
@@ -48,6 +49,7 @@ class RequestLedger:
     __slots__ = (
         "attempts",
         "endpoint",
+        "hedged",
         "metadata",
         "prices",
         "request_id",
@@ -77,6 +79,8 @@ class RequestLedger:
         self.metadata = dict(metadata) if metadata else None
         self.request_id = new_usage_id()
         self.attempts: list[Attempt] = []
+        # The entries of a hedged race: their rows carry ``metadata.hedge``.
+        self.hedged: tuple[ChainEntry, ...] = ()
 
     def record(
         self,
@@ -108,6 +112,8 @@ class RequestLedger:
             meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
             if extra:
                 meta.update(extra)
+            if self.hedged and any(e is entry for e in self.hedged):
+                meta["hedge"] = True
             if self.metadata:
                 meta["caller"] = self.metadata
             # The tracker prices the row; the caller's result carries the same cost.
@@ -225,6 +231,168 @@ class AttemptKind(Protocol[V, R_co]):
         """Account a successful attempt (health, row) and make the request's result."""
 
 
+class AttemptTimer(Protocol):
+    """Per-entry limits of a kind that has them (non-streamed completions).
+
+    ``attempt_cap``: seconds one attempt on ``entry`` may take, given what is ``remaining``
+    of the deadline and whether ``more`` entries follow. ``hedge_after``: seconds after which
+    the next provider is started as well, or ``None`` (no hedge).
+    """
+
+    def attempt_cap(
+        self, entry: ChainEntry, state: KeyHealth, remaining: float, more: bool
+    ) -> float: ...
+
+    def hedge_after(self, entry: ChainEntry) -> float | None: ...
+
+
+class _Outcome(Generic[V]):
+    """How one attempt ended: ``value`` when it succeeded, else ``error`` (row already queued)."""
+
+    __slots__ = ("entry", "error", "hit_deadline", "started", "state", "value")
+
+    def __init__(
+        self,
+        entry: ChainEntry,
+        state: KeyHealth,
+        started: float,
+        value: V | None,
+        error: ProviderError | None,
+        hit_deadline: bool = False,
+    ) -> None:
+        self.entry = entry
+        self.state = state
+        self.started = started
+        self.value = value
+        self.error = error
+        self.hit_deadline = hit_deadline
+
+
+async def _attempt(
+    kind: AttemptKind[V, R],
+    entry: ChainEntry,
+    state: KeyHealth,
+    cap: float,
+    remaining: float,
+    ledger: RequestLedger,
+    health: HealthRegistry,
+) -> _Outcome[V]:
+    """One attempt bounded by ``cap``; every ending but success is accounted here."""
+    t0 = time.monotonic()
+    error: ProviderError
+    hit = False
+    try:
+        async with asyncio.timeout(cap):
+            value = await kind.run(entry, cap)
+    except ProviderError as exc:
+        error = exc
+    except TimeoutError:
+        error = ProviderTimeoutError(
+            f"no {kind.what} within {cap:.3g}s", provider=entry.provider, model=entry.model
+        )
+        hit = cap >= remaining
+    except InvalidRequestError:
+        # Never sent: says nothing about the key, but frees a half-open probe.
+        health.on_cancel(state)
+        await kind.release()
+        raise
+    except asyncio.CancelledError as cancelled:
+        # The row first: a second cancellation during release() must not lose it.
+        health.on_cancel(state)
+        ledger.record(entry, "cancelled", time.monotonic() - t0, error=cancelled, **kind.row(True))
+        await kind.release()
+        raise
+    except Exception as bug:
+        # A defect of ours, not the provider's: row and probe, then let it surface.
+        health.on_cancel(state)
+        ledger.record(
+            entry,
+            "error",
+            time.monotonic() - t0,
+            error=bug,
+            message=f"unexpected {type(bug).__name__}",
+            **kind.row(True),
+        )
+        await kind.release()
+        raise
+    else:
+        return _Outcome(entry, state, t0, value, None)
+    health.on_failure(state, error)
+    ledger.failed(entry, error, time.monotonic() - t0, **kind.row(False))
+    await kind.release()
+    return _Outcome(entry, state, t0, None, error, hit)
+
+
+_HEDGE_LOST = "hedge: another attempt answered first"
+
+
+async def _race(
+    kind: AttemptKind[V, R],
+    chain: Sequence[ChainEntry],
+    first: _Outcome[V],
+    cap: float,
+    remaining: float,
+    after: float,
+    *,
+    timer: AttemptTimer,
+    ledger: RequestLedger,
+    health: HealthRegistry,
+    deadline: float,
+) -> tuple[list[_Outcome[V]], int]:
+    """The attempt ``first`` describes (not started yet), hedged after ``after`` seconds by
+    the next usable entry of ``chain``; returns the outcomes in the order they ended and the
+    index of the hedge's entry (-1: none was started).
+
+    The first success wins at once: the other attempt is cancelled (row ``cancelled``), and
+    both rows carry ``metadata.hedge``. A final failure also ends the race; a retryable one
+    waits for the other attempt.
+    """
+    tasks = [
+        asyncio.create_task(
+            _attempt(kind, first.entry, first.state, cap, remaining, ledger, health)
+        )
+    ]
+    hedge_index = -1
+    ended: list[_Outcome[V]] = []
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=after)
+        if not done:
+            now = time.monotonic()
+            start = chain.index(first.entry) + 1
+            for j in range(start, len(chain)):
+                entry = chain[j]
+                state = health.get(entry.provider, entry.fingerprint)
+                if health.blocked(state, now) is not None:
+                    continue
+                hedge_index = j
+                ledger.hedged = (first.entry, entry)
+                health.on_attempt(state)
+                left = deadline - now
+                hcap = timer.attempt_cap(entry, state, left, j + 1 < len(chain))
+                kind.begin(entry)
+                tasks.append(
+                    asyncio.create_task(_attempt(kind, entry, state, hcap, left, ledger, health))
+                )
+                break
+        pending = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in tasks:  # in chain order, for a tie
+                if task not in done:
+                    continue
+                outcome = task.result()  # an InvalidRequestError or a bug propagates
+                ended.append(outcome)
+                if outcome.error is None or not outcome.error.retryable:
+                    return ended, hedge_index
+        return ended, hedge_index
+    finally:
+        # Losers (and both, if the caller was cancelled) write their own cancelled rows.
+        for task in tasks:
+            if not task.done():
+                task.cancel(_HEDGE_LOST)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def run_attempts(
     kind: AttemptKind[V, R],
     chain: Sequence[ChainEntry],
@@ -234,6 +402,7 @@ async def run_attempts(
     deadline: float,
     budget: float,
     replan: Callable[[], Awaitable[list[ChainEntry]]],
+    timer: AttemptTimer | None = None,
 ) -> R:
     """Try ``chain`` in order until an attempt succeeds; THE attempt loop of the router.
 
@@ -243,6 +412,10 @@ async def run_attempts(
     key. When the last attempt was a 429, the chain is planned once more (``replan`` may wait
     out a Retry-After that fits the deadline).
 
+    With a ``timer``, each attempt's cap comes from it (adaptive timeouts), and once per
+    request an attempt that has not answered after ``timer.hedge_after`` is hedged: the next
+    usable entry runs alongside it and the first good answer wins (see :func:`_race`).
+
     Raises:
         ProviderError: a final (non-retryable) failure, with ``.attempts``.
         InvalidRequestError: the request could not be sent (no row, no health change).
@@ -251,9 +424,13 @@ async def run_attempts(
     """
     deadline_hit = False
     retried = False
+    hedged = False
     skipped: dict[str, str] | None = None
     while True:
-        for entry in chain:
+        used = -1  # a hedge's entry of this pass: already attempted
+        for i, entry in enumerate(chain):
+            if i == used:
+                continue
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
@@ -266,53 +443,37 @@ async def run_attempts(
                 skipped[entry.provider] = reason
                 continue
             health.on_attempt(state)
-            cap = remaining if kind.cap is None else min(remaining, kind.cap)
-            kind.begin(entry)
-            t0 = time.monotonic()
-            error: ProviderError
-            try:
-                async with asyncio.timeout(cap):
-                    value = await kind.run(entry, cap)
-            except ProviderError as exc:
-                error = exc
-            except TimeoutError:
-                error = ProviderTimeoutError(
-                    f"no {kind.what} within {cap:.3g}s", provider=entry.provider, model=entry.model
-                )
-                deadline_hit = cap >= remaining
-            except InvalidRequestError:
-                # Never sent: says nothing about the key, but frees a half-open probe.
-                health.on_cancel(state)
-                await kind.release()
-                raise
-            except asyncio.CancelledError as cancelled:
-                # The row first: a second cancellation during release() must not lose it.
-                health.on_cancel(state)
-                ledger.record(
-                    entry, "cancelled", time.monotonic() - t0, error=cancelled, **kind.row(True)
-                )
-                await kind.release()
-                raise
-            except Exception as bug:
-                # A defect of ours, not the provider's: row and probe, then let it surface.
-                health.on_cancel(state)
-                ledger.record(
-                    entry,
-                    "error",
-                    time.monotonic() - t0,
-                    error=bug,
-                    message=f"unexpected {type(bug).__name__}",
-                    **kind.row(True),
-                )
-                await kind.release()
-                raise
+            more = i + 1 < len(chain)
+            if timer is not None:
+                cap = timer.attempt_cap(entry, state, remaining, more)
             else:
-                return kind.succeed(entry, state, value, t0)
-            health.on_failure(state, error)
-            ledger.failed(entry, error, time.monotonic() - t0, **kind.row(False))
-            await kind.release()
-            if not error.retryable:
-                raise ledger.final(error)
+                cap = remaining if kind.cap is None else min(remaining, kind.cap)
+            kind.begin(entry)
+            after = None if timer is None or hedged or not more else timer.hedge_after(entry)
+            if after is not None and after < cap:
+                outcomes, used = await _race(
+                    kind,
+                    chain,
+                    _Outcome(entry, state, 0.0, None, None),
+                    cap,
+                    remaining,
+                    after,
+                    timer=timer,  # type: ignore[arg-type]  # not None: after is set
+                    ledger=ledger,
+                    health=health,
+                    deadline=deadline,
+                )
+                hedged = used >= 0
+            else:
+                outcomes = [await _attempt(kind, entry, state, cap, remaining, ledger, health)]
+            for outcome in outcomes:
+                if outcome.error is None:
+                    value: V = outcome.value  # type: ignore[assignment]  # set on success
+                    return kind.succeed(outcome.entry, outcome.state, value, outcome.started)
+            for outcome in outcomes:
+                deadline_hit = deadline_hit or outcome.hit_deadline
+                if outcome.error is not None and not outcome.error.retryable:
+                    raise ledger.final(outcome.error)
         # The last key answered 429: if a key frees up within the deadline, wait once.
         last = ledger.attempts[-1] if ledger.attempts else None
         if retried or last is None or last.outcome != "rate_limit":
@@ -328,9 +489,23 @@ async def run_attempts(
 
 
 class CompletionCall:
-    """A non-streamed attempt: one request, one response."""
+    """A non-streamed attempt: one request, one response.
 
-    __slots__ = ("cap", "health", "ledger", "messages", "params", "providers", "started")
+    It is also the loop's :class:`AttemptTimer`: ``cap`` (``attempt_timeout``) is a fixed cap
+    when set, else the health registry's adaptive one; ``hedge`` says when to hedge.
+    """
+
+    __slots__ = (
+        "cap",
+        "health",
+        "hedge",
+        "ledger",
+        "max_tokens",
+        "messages",
+        "params",
+        "providers",
+        "started",
+    )
 
     what = "answer"
 
@@ -344,6 +519,7 @@ class CompletionCall:
         health: HealthRegistry,
         started: float,
         cap: float | None,
+        hedge: HedgeConfig | None = None,
     ) -> None:
         self.providers = providers
         self.messages = messages
@@ -352,9 +528,31 @@ class CompletionCall:
         self.health = health
         self.started = started
         self.cap = cap
+        self.hedge = hedge
+        limit = params.get("max_tokens", params.get("max_completion_tokens"))
+        # A bool is an int to Python, not a token count.
+        self.max_tokens = limit if type(limit) is int and limit > 0 else None
 
     def begin(self, entry: ChainEntry) -> None:
         pass
+
+    def attempt_cap(
+        self, entry: ChainEntry, state: KeyHealth, remaining: float, more: bool
+    ) -> float:
+        if self.cap is not None:
+            return min(remaining, self.cap)
+        return self.health.attempt_cap(state, entry.model, self.max_tokens, remaining, more)
+
+    def hedge_after(self, entry: ChainEntry) -> float | None:
+        hedge = self.hedge
+        if hedge is None or not hedge.enabled:
+            return None
+        if hedge.after_ms is not None:
+            return hedge.after_ms / 1000
+        # A quantile of what this provider and model took; none yet: no basis to hedge.
+        return self.health.latency_estimate(
+            entry.provider, entry.model, hedge.quantile, self.max_tokens
+        )
 
     async def run(self, entry: ChainEntry, timeout: float) -> ProviderResponse:
         return await self.providers[entry.provider].complete(
@@ -376,6 +574,7 @@ class CompletionCall:
     ) -> CompletionResult:
         latency = time.monotonic() - started
         self.health.on_success(state, latency, response.headers)
+        self.health.observe(entry.provider, entry.model, latency, response.output_tokens)
         extra = {"finish_reason": response.finish_reason} if response.finish_reason else None
         ledger = self.ledger
         _, cost = ledger.record(

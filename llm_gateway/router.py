@@ -28,7 +28,7 @@ from .chain import (
     order_chain,
     rate_limit_wait,
 )
-from .config import TenantConfig
+from .config import HedgeConfig, TenantConfig
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
     GatewayError,
@@ -82,7 +82,11 @@ class TenantLLMRouter:
         record_usage: ``False`` records nothing (tests of routing only).
         timeout: default total deadline of a request in seconds, every attempt included
             (for streams: until the first content chunk).
-        attempt_timeout: cap of one non-streamed attempt (default: only the deadline).
+        attempt_timeout: fixed cap of one non-streamed attempt (default: adaptive, from the
+            provider's recent latencies; see :class:`~llm_gateway.health.AdaptiveTimeouts`).
+        hedge: hedge non-streamed requests, ``{"after_ms": 800}`` or ``{"after": "p95"}``
+            (:class:`~llm_gateway.config.HedgeConfig`); a tenant's ``inference_config.hedge``
+            wins. Default: no hedging.
         ttft_timeout: cap of one streamed attempt until its first content chunk.
         chunk_timeout: longest wait between two chunks of a stream.
         connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
@@ -111,8 +115,11 @@ class TenantLLMRouter:
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
         fingerprint_key: str | None = None,
+        hedge: Mapping[str, Any] | HedgeConfig | None = None,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
+        # Validated now: a typo raises here (pydantic's ValueError), not at the first request.
+        self.hedge = None if hedge is None else HedgeConfig.model_validate(hedge)
         if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
             validate_dsn(self.dsn, check="dsn= or DATABASE_URL")  # ConfigError now, not asyncpg's
         self.timeout = timeout
@@ -355,6 +362,7 @@ class TenantLLMRouter:
                 health=self._health,
                 started=started,
                 cap=self.attempt_timeout,
+                hedge=route.config.inference.hedge or self.hedge,
             )
             return await run_attempts(
                 call,
@@ -364,6 +372,7 @@ class TenantLLMRouter:
                 deadline=deadline,
                 budget=budget,
                 replan=partial(self._order, tid, route, estimated_tokens, deadline),
+                timer=call,
             )
         finally:
             self._leave()
