@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +16,7 @@ import asyncpg
 import pytest
 
 from llm_gateway import InvalidTenantConfigError, TenantLLMRouter, provider_settings
-from llm_gateway.simulator import Behaviour, SimulatedProvider
+from llm_gateway.simulator import Behaviour, LatencyDistribution, SimulatedProvider
 from tests.conftest import make_tenant
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -175,3 +176,40 @@ async def test_invalid_hedge_settings_are_refused(  # type: ignore[no-untyped-de
         with pytest.raises(InvalidTenantConfigError) as info:
             await router.complete_for_tenant(t, MSG)
     assert info.value.field == "inference_config.hedge.after"
+
+
+async def test_caller_cancelled_during_a_race_writes_both_rows(  # type: ignore[no-untyped-def]
+    pg_dsn: str, pg: asyncpg.Connection, pair
+) -> None:
+    a, b = pair
+    t = await tenant(pg)
+    a.script(SLOW)
+    b.script(SLOW)
+    async with TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={"after_ms": 200}) as router:
+        task = asyncio.create_task(router.complete_for_tenant(t, MSG, timeout=30))
+        for _ in range(500):
+            if b.requests:  # the hedge has started
+                break
+            await asyncio.sleep(0.02)
+        assert b.requests
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    found = await rows(pg, t)
+    assert sorted((r["provider"], r["status"]) for r in found) == [
+        ("groq", "cancelled"),
+        ("llm7", "cancelled"),
+    ]
+    assert all(r["metadata"]["hedge"] is True for r in found)
+
+
+def test_latency_distribution_has_the_asked_tail() -> None:
+    dist = LatencyDistribution(40, sigma=0.2, tail_rate=0.05, tail_ms=2000)
+    rng = random.Random(7)
+    draws = sorted(dist.sample(rng) for _ in range(4000))
+    slow = sum(d > 500 for d in draws) / len(draws)
+    assert 0.03 < slow < 0.07
+    assert 30 < draws[len(draws) // 2] < 55  # the median is the body's
+    assert LatencyDistribution(25).sample(rng) == 25
+    with pytest.raises(ValueError):
+        LatencyDistribution(10, tail_rate=1.5)
