@@ -9,13 +9,12 @@ stream's opening in :mod:`.streaming`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
@@ -25,12 +24,11 @@ from .config import HedgeConfig
 from .errors import (
     AllProvidersFailedError,
     DeadlineExceededError,
-    InvalidRequestError,
     NoProviderAvailableError,
     ProviderError,
-    ProviderTimeoutError,
 )
 from .health import HealthRegistry, KeyHealth
+from .hedging import AttemptTimer, Outcome, attempt, race
 from .providers import Provider, ProviderResponse
 from .types import Attempt, CompletionResult, TaskType
 
@@ -231,168 +229,6 @@ class AttemptKind(Protocol[V, R_co]):
         """Account a successful attempt (health, row) and make the request's result."""
 
 
-class AttemptTimer(Protocol):
-    """Per-entry limits of a kind that has them (non-streamed completions).
-
-    ``attempt_cap``: seconds one attempt on ``entry`` may take, given what is ``remaining``
-    of the deadline and whether ``more`` entries follow. ``hedge_after``: seconds after which
-    the next provider is started as well, or ``None`` (no hedge).
-    """
-
-    def attempt_cap(
-        self, entry: ChainEntry, state: KeyHealth, remaining: float, more: bool
-    ) -> float: ...
-
-    def hedge_after(self, entry: ChainEntry) -> float | None: ...
-
-
-class _Outcome(Generic[V]):
-    """How one attempt ended: ``value`` when it succeeded, else ``error`` (row already queued)."""
-
-    __slots__ = ("entry", "error", "hit_deadline", "started", "state", "value")
-
-    def __init__(
-        self,
-        entry: ChainEntry,
-        state: KeyHealth,
-        started: float,
-        value: V | None,
-        error: ProviderError | None,
-        hit_deadline: bool = False,
-    ) -> None:
-        self.entry = entry
-        self.state = state
-        self.started = started
-        self.value = value
-        self.error = error
-        self.hit_deadline = hit_deadline
-
-
-async def _attempt(
-    kind: AttemptKind[V, R],
-    entry: ChainEntry,
-    state: KeyHealth,
-    cap: float,
-    remaining: float,
-    ledger: RequestLedger,
-    health: HealthRegistry,
-) -> _Outcome[V]:
-    """One attempt bounded by ``cap``; every ending but success is accounted here."""
-    t0 = time.monotonic()
-    error: ProviderError
-    hit = False
-    try:
-        async with asyncio.timeout(cap):
-            value = await kind.run(entry, cap)
-    except ProviderError as exc:
-        error = exc
-    except TimeoutError:
-        error = ProviderTimeoutError(
-            f"no {kind.what} within {cap:.3g}s", provider=entry.provider, model=entry.model
-        )
-        hit = cap >= remaining
-    except InvalidRequestError:
-        # Never sent: says nothing about the key, but frees a half-open probe.
-        health.on_cancel(state)
-        await kind.release()
-        raise
-    except asyncio.CancelledError as cancelled:
-        # The row first: a second cancellation during release() must not lose it.
-        health.on_cancel(state)
-        ledger.record(entry, "cancelled", time.monotonic() - t0, error=cancelled, **kind.row(True))
-        await kind.release()
-        raise
-    except Exception as bug:
-        # A defect of ours, not the provider's: row and probe, then let it surface.
-        health.on_cancel(state)
-        ledger.record(
-            entry,
-            "error",
-            time.monotonic() - t0,
-            error=bug,
-            message=f"unexpected {type(bug).__name__}",
-            **kind.row(True),
-        )
-        await kind.release()
-        raise
-    else:
-        return _Outcome(entry, state, t0, value, None)
-    health.on_failure(state, error)
-    ledger.failed(entry, error, time.monotonic() - t0, **kind.row(False))
-    await kind.release()
-    return _Outcome(entry, state, t0, None, error, hit)
-
-
-_HEDGE_LOST = "hedge: another attempt answered first"
-
-
-async def _race(
-    kind: AttemptKind[V, R],
-    chain: Sequence[ChainEntry],
-    first: _Outcome[V],
-    cap: float,
-    remaining: float,
-    after: float,
-    *,
-    timer: AttemptTimer,
-    ledger: RequestLedger,
-    health: HealthRegistry,
-    deadline: float,
-) -> tuple[list[_Outcome[V]], int]:
-    """The attempt ``first`` describes (not started yet), hedged after ``after`` seconds by
-    the next usable entry of ``chain``; returns the outcomes in the order they ended and the
-    index of the hedge's entry (-1: none was started).
-
-    The first success wins at once: the other attempt is cancelled (row ``cancelled``), and
-    both rows carry ``metadata.hedge``. A final failure also ends the race; a retryable one
-    waits for the other attempt.
-    """
-    tasks = [
-        asyncio.create_task(
-            _attempt(kind, first.entry, first.state, cap, remaining, ledger, health)
-        )
-    ]
-    hedge_index = -1
-    ended: list[_Outcome[V]] = []
-    try:
-        done, _ = await asyncio.wait(tasks, timeout=after)
-        if not done:
-            now = time.monotonic()
-            start = chain.index(first.entry) + 1
-            for j in range(start, len(chain)):
-                entry = chain[j]
-                state = health.get(entry.provider, entry.fingerprint)
-                if health.blocked(state, now) is not None:
-                    continue
-                hedge_index = j
-                ledger.hedged = (first.entry, entry)
-                health.on_attempt(state)
-                left = deadline - now
-                hcap = timer.attempt_cap(entry, state, left, j + 1 < len(chain))
-                kind.begin(entry)
-                tasks.append(
-                    asyncio.create_task(_attempt(kind, entry, state, hcap, left, ledger, health))
-                )
-                break
-        pending = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:  # in chain order, for a tie
-                if task not in done:
-                    continue
-                outcome = task.result()  # an InvalidRequestError or a bug propagates
-                ended.append(outcome)
-                if outcome.error is None or not outcome.error.retryable:
-                    return ended, hedge_index
-        return ended, hedge_index
-    finally:
-        # Losers (and both, if the caller was cancelled) write their own cancelled rows.
-        for task in tasks:
-            if not task.done():
-                task.cancel(_HEDGE_LOST)
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def run_attempts(
     kind: AttemptKind[V, R],
     chain: Sequence[ChainEntry],
@@ -414,7 +250,7 @@ async def run_attempts(
 
     With a ``timer``, each attempt's cap comes from it (adaptive timeouts), and once per
     request an attempt that has not answered after ``timer.hedge_after`` is hedged: the next
-    usable entry runs alongside it and the first good answer wins (see :func:`_race`).
+    usable entry runs alongside it and the first good answer wins (see :func:`.hedging.race`).
 
     Raises:
         ProviderError: a final (non-retryable) failure, with ``.attempts``.
@@ -451,10 +287,11 @@ async def run_attempts(
             kind.begin(entry)
             after = None if timer is None or hedged or not more else timer.hedge_after(entry)
             if after is not None and after < cap:
-                outcomes, used = await _race(
+                outcomes, used = await race(
                     kind,
                     chain,
-                    _Outcome(entry, state, 0.0, None, None),
+                    i,
+                    Outcome(entry, state, 0.0, None, None),
                     cap,
                     remaining,
                     after,
@@ -465,7 +302,7 @@ async def run_attempts(
                 )
                 hedged = used >= 0
             else:
-                outcomes = [await _attempt(kind, entry, state, cap, remaining, ledger, health)]
+                outcomes = [await attempt(kind, entry, state, cap, remaining, ledger, health)]
             for outcome in outcomes:
                 if outcome.error is None:
                     value: V = outcome.value  # type: ignore[assignment]  # set on success
