@@ -66,10 +66,10 @@ class LatencySketch:
     latency divided by the answer's output tokens, at least 1). The per-token figure includes
     the provider's fixed overhead, so it overstates the time of a long answer: scaling it by a
     request's ``max_tokens`` errs on the side of a longer cap. Quantiles are read from sorted
-    copies made lazily, once per batch of new samples, not per request.
+    copies made lazily, once per batch of new samples (1/16 of those held), not per request.
     """
 
-    __slots__ = ("_latency", "_next", "_per_token", "_sorted", "count", "size")
+    __slots__ = ("_fresh", "_latency", "_next", "_per_token", "_sorted", "count", "size")
 
     def __init__(self, size: int = 128) -> None:
         self.size = size
@@ -78,6 +78,7 @@ class LatencySketch:
         self._latency = array("d", bytes(8 * size))
         self._per_token = array("d", bytes(8 * size))
         self._sorted: tuple[list[float], list[float]] | None = None
+        self._fresh = 0  # samples added since the sorted copies were made
 
     def add(self, latency: float, output_tokens: int | None) -> None:
         """Record one successful answer: its latency (seconds) and output tokens, if known."""
@@ -87,7 +88,7 @@ class LatencySketch:
         self._next = (i + 1) % self.size
         if self.count < self.size:
             self.count += 1
-        self._sorted = None
+        self._fresh += 1
 
     def estimate(self, q: float, max_tokens: int | None = None) -> float | None:
         """The ``q``-quantile latency of a request asking for ``max_tokens`` (``None``: none held).
@@ -98,8 +99,9 @@ class LatencySketch:
         n = self.count
         if n == 0:
             return None
-        if self._sorted is None:
+        if self._sorted is None or self._fresh > n // 16:
             self._sorted = (sorted(self._latency[:n]), sorted(self._per_token[:n]))
+            self._fresh = 0
         whole, per_token = self._sorted
         rank = min(n - 1, max(0, math.ceil(q * n) - 1))  # nearest rank
         if max_tokens is None or max_tokens <= 0:
@@ -303,14 +305,13 @@ class HealthRegistry:
         policy = self.timeouts
         if policy is None:
             return remaining
-        cold = policy.cold_cap(max_tokens)
         estimate = self.latency_estimate(state.provider, model, policy.quantile, max_tokens)
         if estimate is None:
-            cap = cold
+            cap = policy.cold_cap(max_tokens)
         else:
             cap = min(policy.ceiling, max(policy.floor, policy.factor * estimate))
             if state.half_open:
-                cap = max(cap, cold)
+                cap = max(cap, policy.cold_cap(max_tokens))
         if more:
             return min(cap, remaining * (1.0 - policy.reserve))
         return min(cap, remaining)
