@@ -285,8 +285,10 @@ async def run_attempts(
             else:
                 cap = remaining if kind.cap is None else min(remaining, kind.cap)
             kind.begin(entry)
-            after = None if timer is None or hedged or not more else timer.hedge_after(entry)
-            if after is not None and after < cap:
+            after = None
+            if timer is not None and not hedged and more:
+                after = timer.hedge_after(entry)
+            if timer is not None and after is not None and after < cap:
                 outcomes, used = await race(
                     kind,
                     chain,
@@ -295,7 +297,7 @@ async def run_attempts(
                     cap,
                     remaining,
                     after,
-                    timer=timer,  # type: ignore[arg-type]  # not None: after is set
+                    timer=timer,
                     ledger=ledger,
                     health=health,
                     deadline=deadline,
@@ -304,9 +306,10 @@ async def run_attempts(
             else:
                 outcomes = [await attempt(kind, entry, state, cap, remaining, ledger, health)]
             for outcome in outcomes:
-                if outcome.error is None:
-                    value: V = outcome.value  # type: ignore[assignment]  # set on success
-                    return kind.succeed(outcome.entry, outcome.state, value, outcome.started)
+                if outcome.error is None and outcome.value is not None:
+                    return kind.succeed(
+                        outcome.entry, outcome.state, outcome.value, outcome.started
+                    )
             for outcome in outcomes:
                 deadline_hit = deadline_hit or outcome.hit_deadline
                 if outcome.error is not None and not outcome.error.retryable:
