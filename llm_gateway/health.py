@@ -103,7 +103,8 @@ class LatencySketch:
             self._sorted = (sorted(self._latency[:n]), sorted(self._per_token[:n]))
             self._fresh = 0
         whole, per_token = self._sorted
-        rank = min(n - 1, max(0, math.ceil(q * n) - 1))  # nearest rank
+        held = len(whole)  # the copies may predate the latest few samples
+        rank = min(held - 1, max(0, math.ceil(q * held) - 1))  # nearest rank
         if max_tokens is None or max_tokens <= 0:
             return whole[rank]
         return max(whole[rank], per_token[rank] * max_tokens)

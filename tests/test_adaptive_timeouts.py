@@ -192,3 +192,13 @@ async def test_streams_and_failures_do_not_feed_the_sketch(  # type: ignore[no-u
         ("groq", 1),
         ("llm7", 1),
     ]
+
+
+def test_sketch_read_after_every_sample_while_it_fills() -> None:
+    # The sorted copies are refreshed once per batch: a read between refreshes must use them
+    # as they are (a regression: an index past their end while the ring was filling).
+    sketch = LatencySketch(size=128)
+    for i in range(300):
+        sketch.add(0.001 * (i % 50 + 1), output_tokens=4)
+        estimate = sketch.estimate(0.99, max_tokens=8)
+        assert estimate is not None and 0.0 < estimate <= 0.1
