@@ -305,11 +305,15 @@ async def run_attempts(
                 hedged = used >= 0
             else:
                 outcomes = [await attempt(kind, entry, state, cap, remaining, ledger, health)]
-            for outcome in outcomes:
-                if outcome.error is None and outcome.value is not None:
-                    return kind.succeed(
-                        outcome.entry, outcome.state, outcome.value, outcome.started
-                    )
+            won: Outcome[V] | None = None
+            for o in outcomes:
+                if o.error is None and o.value is not None:
+                    if won is None:
+                        won = o
+                    else:  # both answered at once: the other answer is paid for too, its row
+                        kind.succeed(o.entry, o.state, o.value, o.started)
+            if won is not None and won.value is not None:
+                return kind.succeed(won.entry, won.state, won.value, won.started)
             for outcome in outcomes:
                 deadline_hit = deadline_hit or outcome.hit_deadline
                 if outcome.error is not None and not outcome.error.retryable:

@@ -150,6 +150,7 @@ async def race(
     ]
     hedge_index = -1
     ended: list[Outcome[V]] = []
+    reason: str | None = _HEDGE_LOST
     try:
         done, _ = await asyncio.wait(tasks, timeout=after)
         if not done:
@@ -172,17 +173,17 @@ async def race(
         pending = set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:  # in chain order, for a tie
-                if task not in done:
-                    continue
-                outcome = task.result()  # an InvalidRequestError or a bug propagates
-                ended.append(outcome)
-                if outcome.error is None or not outcome.error.retryable:
-                    return ended, hedge_index
+            # In chain order, for a tie; all of them: an answer that came too needs its row.
+            ended.extend(task.result() for task in tasks if task in done)
+            if any(o.error is None or not o.error.retryable for o in ended):
+                return ended, hedge_index
         return ended, hedge_index
+    except asyncio.CancelledError:
+        reason = None  # the caller's cancellation, recorded like any other
+        raise
     finally:
         # Losers (and both, if the caller was cancelled) write their own cancelled rows.
         for task in tasks:
             if not task.done():
-                task.cancel(_HEDGE_LOST)
+                task.cancel(reason)
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -201,6 +201,8 @@ async def test_caller_cancelled_during_a_race_writes_both_rows(  # type: ignore[
         ("llm7", "cancelled"),
     ]
     assert all(r["metadata"]["hedge"] is True for r in found)
+    # The caller cancelled: neither row says another attempt won.
+    assert {r["error_message"] for r in found} == {"CancelledError"}
 
 
 def test_latency_distribution_has_the_asked_tail() -> None:
