@@ -9,7 +9,6 @@ stream's opening in :mod:`.streaming`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
@@ -21,19 +20,19 @@ from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
 
 from .chain import ChainEntry
+from .config import HedgeConfig
 from .errors import (
     AllProvidersFailedError,
     DeadlineExceededError,
-    InvalidRequestError,
     NoProviderAvailableError,
     ProviderError,
-    ProviderTimeoutError,
 )
 from .health import HealthRegistry, KeyHealth
+from .hedging import AttemptTimer, Outcome, attempt, race
 from .providers import Provider, ProviderResponse
 from .types import Attempt, CompletionResult, TaskType
 
-__all__ = ["AttemptKind", "CompletionCall", "RequestLedger", "run_attempts"]
+__all__ = ["AttemptKind", "AttemptTimer", "CompletionCall", "RequestLedger", "run_attempts"]
 
 log = logging.getLogger("llm_gateway")
 
@@ -48,6 +47,7 @@ class RequestLedger:
     __slots__ = (
         "attempts",
         "endpoint",
+        "hedged",
         "metadata",
         "prices",
         "request_id",
@@ -77,6 +77,8 @@ class RequestLedger:
         self.metadata = dict(metadata) if metadata else None
         self.request_id = new_usage_id()
         self.attempts: list[Attempt] = []
+        # The entries of a hedged race: their rows carry ``metadata.hedge``.
+        self.hedged: tuple[ChainEntry, ...] = ()
 
     def record(
         self,
@@ -108,6 +110,8 @@ class RequestLedger:
             meta: dict[str, Any] = {"task_type": self.task_type.value, "key_fp": entry.fingerprint}
             if extra:
                 meta.update(extra)
+            if self.hedged and any(e is entry for e in self.hedged):
+                meta["hedge"] = True
             if self.metadata:
                 meta["caller"] = self.metadata
             # The tracker prices the row; the caller's result carries the same cost.
@@ -234,6 +238,7 @@ async def run_attempts(
     deadline: float,
     budget: float,
     replan: Callable[[], Awaitable[list[ChainEntry]]],
+    timer: AttemptTimer | None = None,
 ) -> R:
     """Try ``chain`` in order until an attempt succeeds; THE attempt loop of the router.
 
@@ -243,6 +248,10 @@ async def run_attempts(
     key. When the last attempt was a 429, the chain is planned once more (``replan`` may wait
     out a Retry-After that fits the deadline).
 
+    With a ``timer``, each attempt's cap comes from it (adaptive timeouts), and once per
+    request an attempt that has not answered after ``timer.hedge_after`` is hedged: the next
+    usable entry runs alongside it and the first good answer wins (see :func:`.hedging.race`).
+
     Raises:
         ProviderError: a final (non-retryable) failure, with ``.attempts``.
         InvalidRequestError: the request could not be sent (no row, no health change).
@@ -251,9 +260,13 @@ async def run_attempts(
     """
     deadline_hit = False
     retried = False
+    hedged = False
     skipped: dict[str, str] | None = None
     while True:
-        for entry in chain:
+        used = -1  # a hedge's entry of this pass: already attempted
+        for i, entry in enumerate(chain):
+            if i == used:
+                continue
             now = time.monotonic()
             remaining = deadline - now
             if remaining <= 0:
@@ -266,53 +279,45 @@ async def run_attempts(
                 skipped[entry.provider] = reason
                 continue
             health.on_attempt(state)
-            cap = remaining if kind.cap is None else min(remaining, kind.cap)
-            kind.begin(entry)
-            t0 = time.monotonic()
-            error: ProviderError
-            try:
-                async with asyncio.timeout(cap):
-                    value = await kind.run(entry, cap)
-            except ProviderError as exc:
-                error = exc
-            except TimeoutError:
-                error = ProviderTimeoutError(
-                    f"no {kind.what} within {cap:.3g}s", provider=entry.provider, model=entry.model
-                )
-                deadline_hit = cap >= remaining
-            except InvalidRequestError:
-                # Never sent: says nothing about the key, but frees a half-open probe.
-                health.on_cancel(state)
-                await kind.release()
-                raise
-            except asyncio.CancelledError as cancelled:
-                # The row first: a second cancellation during release() must not lose it.
-                health.on_cancel(state)
-                ledger.record(
-                    entry, "cancelled", time.monotonic() - t0, error=cancelled, **kind.row(True)
-                )
-                await kind.release()
-                raise
-            except Exception as bug:
-                # A defect of ours, not the provider's: row and probe, then let it surface.
-                health.on_cancel(state)
-                ledger.record(
-                    entry,
-                    "error",
-                    time.monotonic() - t0,
-                    error=bug,
-                    message=f"unexpected {type(bug).__name__}",
-                    **kind.row(True),
-                )
-                await kind.release()
-                raise
+            more = i + 1 < len(chain)
+            if timer is not None:
+                cap = timer.attempt_cap(entry, state, remaining, more)
             else:
-                return kind.succeed(entry, state, value, t0)
-            health.on_failure(state, error)
-            ledger.failed(entry, error, time.monotonic() - t0, **kind.row(False))
-            await kind.release()
-            if not error.retryable:
-                raise ledger.final(error)
+                cap = remaining if kind.cap is None else min(remaining, kind.cap)
+            kind.begin(entry)
+            after = None
+            if timer is not None and not hedged and more:
+                after = timer.hedge_after(entry)
+            if timer is not None and after is not None and after < cap:
+                outcomes, used = await race(
+                    kind,
+                    chain,
+                    i,
+                    Outcome(entry, state, 0.0, None, None),
+                    cap,
+                    remaining,
+                    after,
+                    timer=timer,
+                    ledger=ledger,
+                    health=health,
+                    deadline=deadline,
+                )
+                hedged = used >= 0
+            else:
+                outcomes = [await attempt(kind, entry, state, cap, remaining, ledger, health)]
+            won: Outcome[V] | None = None
+            for o in outcomes:
+                if o.error is None and o.value is not None:
+                    if won is None:
+                        won = o
+                    else:  # both answered at once: the other answer is paid for too, its row
+                        kind.succeed(o.entry, o.state, o.value, o.started)
+            if won is not None and won.value is not None:
+                return kind.succeed(won.entry, won.state, won.value, won.started)
+            for outcome in outcomes:
+                deadline_hit = deadline_hit or outcome.hit_deadline
+                if outcome.error is not None and not outcome.error.retryable:
+                    raise ledger.final(outcome.error)
         # The last key answered 429: if a key frees up within the deadline, wait once.
         last = ledger.attempts[-1] if ledger.attempts else None
         if retried or last is None or last.outcome != "rate_limit":
@@ -328,9 +333,23 @@ async def run_attempts(
 
 
 class CompletionCall:
-    """A non-streamed attempt: one request, one response."""
+    """A non-streamed attempt: one request, one response.
 
-    __slots__ = ("cap", "health", "ledger", "messages", "params", "providers", "started")
+    It is also the loop's :class:`AttemptTimer`: ``cap`` (``attempt_timeout``) is a fixed cap
+    when set, else the health registry's adaptive one; ``hedge`` says when to hedge.
+    """
+
+    __slots__ = (
+        "cap",
+        "health",
+        "hedge",
+        "ledger",
+        "max_tokens",
+        "messages",
+        "params",
+        "providers",
+        "started",
+    )
 
     what = "answer"
 
@@ -344,6 +363,7 @@ class CompletionCall:
         health: HealthRegistry,
         started: float,
         cap: float | None,
+        hedge: HedgeConfig | None = None,
     ) -> None:
         self.providers = providers
         self.messages = messages
@@ -352,9 +372,31 @@ class CompletionCall:
         self.health = health
         self.started = started
         self.cap = cap
+        self.hedge = hedge
+        limit = params.get("max_tokens", params.get("max_completion_tokens"))
+        # A bool is an int to Python, not a token count.
+        self.max_tokens = limit if type(limit) is int and limit > 0 else None
 
     def begin(self, entry: ChainEntry) -> None:
         pass
+
+    def attempt_cap(
+        self, entry: ChainEntry, state: KeyHealth, remaining: float, more: bool
+    ) -> float:
+        if self.cap is not None:
+            return min(remaining, self.cap)
+        return self.health.attempt_cap(state, entry.model, self.max_tokens, remaining, more)
+
+    def hedge_after(self, entry: ChainEntry) -> float | None:
+        hedge = self.hedge
+        if hedge is None or not hedge.enabled:
+            return None
+        if hedge.after_ms is not None:
+            return hedge.after_ms / 1000
+        # A quantile of what this provider and model took; none yet: no basis to hedge.
+        return self.health.latency_estimate(
+            entry.provider, entry.model, hedge.quantile, self.max_tokens
+        )
 
     async def run(self, entry: ChainEntry, timeout: float) -> ProviderResponse:
         return await self.providers[entry.provider].complete(
@@ -376,6 +418,7 @@ class CompletionCall:
     ) -> CompletionResult:
         latency = time.monotonic() - started
         self.health.on_success(state, latency, response.headers)
+        self.health.observe(entry.provider, entry.model, latency, response.output_tokens)
         extra = {"finish_reason": response.finish_reason} if response.finish_reason else None
         ledger = self.ledger
         _, cost = ledger.record(

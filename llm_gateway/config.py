@@ -23,6 +23,7 @@ from pydantic import (
     StrictBool,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
@@ -33,6 +34,7 @@ from .secrets import DecryptError, KeyRing, is_encrypted
 __all__ = [
     "PROVIDER_NAMES",
     "GroupEntry",
+    "HedgeConfig",
     "InferenceConfig",
     "InvalidModelGroupsError",
     "RateLimits",
@@ -149,6 +151,63 @@ ModelGroups = dict[
     GroupName,
     Annotated[tuple[GroupEntry, ...], Field(min_length=1), AfterValidator(_distinct)],
 ]
+_QUANTILE = re.compile(r"p(\d{2}(?:\.\d+)?)")
+
+
+class HedgeConfig(BaseModel):
+    """When to hedge a non-streamed request: ``{"after_ms": 800}`` or ``{"after": "p95"}``.
+
+    ``after`` names a quantile (``p50`` to ``p99.9``) of the first provider's recent
+    latencies (for its model, scaled by ``max_tokens``); with too few samples to know it, the
+    request is not hedged. ``false`` (``enabled=False``) turns the router's default off for
+    one tenant.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    after_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    after: str | None = None
+    enabled: StrictBool = True
+
+    @field_validator("after_ms", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int | float | None):
+            raise PydanticCustomError(
+                "hedge",
+                "expected a number of milliseconds, got {kind}",
+                {"kind": _json_type(value)},
+            )
+        return value
+
+    @field_validator("after")
+    @classmethod
+    def _quantile(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _QUANTILE.fullmatch(value)
+        if match is None or not 50 <= float(match[1]) < 100:
+            raise PydanticCustomError("hedge", "expected a quantile 'p50' to 'p99.9'")
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> HedgeConfig:
+        given = (self.after_ms is not None) + (self.after is not None)
+        if self.enabled and given != 1:
+            raise PydanticCustomError("hedge", "set exactly one of after_ms and after")
+        if not self.enabled and given:
+            raise PydanticCustomError("hedge", "a disabled hedge takes no after_ms or after")
+        return self
+
+    @property
+    def quantile(self) -> float:
+        """``after`` as a fraction (``"p95"`` -> 0.95); 0.95 when ``after_ms`` is set."""
+        return float(self.after[1:]) / 100 if self.after else 0.95
+
+
+def _hedge(value: object) -> object:
+    # ``"hedge": false`` turns a router-wide hedge off for this tenant.
+    return {"enabled": False} if value is False else value
 
 
 def _drop_unset(value: object) -> object:
@@ -181,6 +240,8 @@ class InferenceConfig(BaseModel):
     )
     # Named lists of (provider, model): ``complete_for_tenant(..., model="smart")``.
     model_groups: ModelGroups = Field(default_factory=dict)
+    # Hedged requests; the tenant's setting wins over the router's ``hedge=``.
+    hedge: Annotated[HedgeConfig | None, BeforeValidator(_hedge)] = None
 
     @field_validator("preferred_provider", mode="before")
     @classmethod
@@ -206,8 +267,12 @@ def _reason(error: ErrorDetails) -> str:
         return f"expected {_EXPECTED[kind]}, got {_json_type(error.get('input'))}"
     if kind == "greater_than" and error.get("ctx", {}).get("gt") == 0:
         return f"expected a positive integer, got {error.get('input')}"
-    if kind == "extra_forbidden":  # RateLimits and GroupEntry forbid unknown keys
-        model = GroupEntry if "model_groups" in error["loc"] else RateLimits
+    if kind == "extra_forbidden":  # RateLimits, GroupEntry and HedgeConfig forbid unknown keys
+        model: type[BaseModel] = RateLimits
+        if "model_groups" in error["loc"]:
+            model = GroupEntry
+        elif error["loc"][:1] == ("hedge",):
+            model = HedgeConfig
         return f"unknown setting (known: {', '.join(model.model_fields)})"
     if kind == "too_short":
         return "expected at least one entry"

@@ -1,19 +1,23 @@
 """Health of each provider key: latency and error averages, circuit breaker, rate-limit waits.
 
 State is kept per (provider, key fingerprint), so one tenant's revoked or rate-limited key
-never takes a provider away from the system key or from other tenants.
+never takes a provider away from the system key or from other tenants. Latencies of
+successful non-streamed answers are kept per (provider, model) in a :class:`LatencySketch`,
+from which :class:`AdaptiveTimeouts` derives each attempt's cap and hedging its delay.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import AuthenticationError, ProviderError, RateLimitError
 
-__all__ = ["HealthRegistry", "KeyHealth"]
+__all__ = ["AdaptiveTimeouts", "HealthRegistry", "KeyHealth", "LatencySketch"]
 
 
 @dataclass(slots=True)
@@ -55,6 +59,86 @@ class KeyHealth:
         }
 
 
+class LatencySketch:
+    """Recent successful latencies of one (provider, model): a fixed ring, no allocation per sample.
+
+    Each sample is kept twice: the whole latency, and the latency per output token (the
+    latency divided by the answer's output tokens, at least 1). The per-token figure includes
+    the provider's fixed overhead, so it overstates the time of a long answer: scaling it by a
+    request's ``max_tokens`` errs on the side of a longer cap. Quantiles are read from sorted
+    copies made lazily, once per batch of new samples (1/16 of those held), not per request.
+    """
+
+    __slots__ = ("_fresh", "_latency", "_next", "_per_token", "_sorted", "count", "size")
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self.count = 0  # samples held (at most size)
+        self._next = 0
+        self._latency = array("d", bytes(8 * size))
+        self._per_token = array("d", bytes(8 * size))
+        self._sorted: tuple[list[float], list[float]] | None = None
+        self._fresh = 0  # samples added since the sorted copies were made
+
+    def add(self, latency: float, output_tokens: int | None) -> None:
+        """Record one successful answer: its latency (seconds) and output tokens, if known."""
+        i = self._next
+        self._latency[i] = latency
+        self._per_token[i] = latency / max(output_tokens or 1, 1)
+        self._next = (i + 1) % self.size
+        if self.count < self.size:
+            self.count += 1
+        self._fresh += 1
+
+    def estimate(self, q: float, max_tokens: int | None = None) -> float | None:
+        """The ``q``-quantile latency of a request asking for ``max_tokens`` (``None``: none held).
+
+        Without ``max_tokens`` it is the quantile of recent latencies; with it, the larger of
+        that and the per-token quantile times ``max_tokens`` (a long answer takes longer).
+        """
+        n = self.count
+        if n == 0:
+            return None
+        if self._sorted is None or self._fresh > n // 16:
+            self._sorted = (sorted(self._latency[:n]), sorted(self._per_token[:n]))
+            self._fresh = 0
+        whole, per_token = self._sorted
+        held = len(whole)  # the copies may predate the latest few samples
+        rank = min(held - 1, max(0, math.ceil(q * held) - 1))  # nearest rank
+        if max_tokens is None or max_tokens <= 0:
+            return whole[rank]
+        return max(whole[rank], per_token[rank] * max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveTimeouts:
+    """How long one non-streamed attempt may take when ``attempt_timeout`` is not set.
+
+    Warm (at least ``min_samples`` successful answers of this provider and model in the
+    last ``window``): ``factor`` times the ``quantile`` latency, scaled by the request's
+    ``max_tokens`` (:meth:`LatencySketch.estimate`). Cold: ``cold`` seconds plus
+    ``cold_per_token`` per requested ``max_tokens``. Either way within [``floor``,
+    ``ceiling``]; and when another provider follows in the chain, the attempt leaves
+    ``reserve`` (a share) of the remaining deadline for it. A half-open breaker's probe gets
+    at least the cold cap, so a provider that became slower than its history can prove
+    itself again rather than be cut forever.
+    """
+
+    quantile: float = 0.99
+    factor: float = 4.0
+    floor: float = 3.0
+    ceiling: float = 120.0
+    min_samples: int = 20
+    window: int = 128
+    cold: float = 10.0
+    cold_per_token: float = 0.02
+    reserve: float = 0.25
+
+    def cold_cap(self, max_tokens: int | None) -> float:
+        extra = self.cold_per_token * max_tokens if max_tokens and max_tokens > 0 else 0.0
+        return min(self.ceiling, max(self.floor, self.cold + extra))
+
+
 class HealthRegistry:
     """Per-key health, updated after each attempt and read when the chain is ordered.
 
@@ -81,6 +165,7 @@ class HealthRegistry:
         min_requests: int = 20,
         alpha: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        timeouts: AdaptiveTimeouts | None = AdaptiveTimeouts(),  # frozen: safe to share
     ) -> None:
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
@@ -91,7 +176,9 @@ class HealthRegistry:
         self.min_requests = min_requests
         self.alpha = alpha
         self.clock = clock
+        self.timeouts = timeouts
         self._state: dict[tuple[str, str], KeyHealth] = {}
+        self._latency: dict[tuple[str, str], LatencySketch] = {}
 
     def get(self, provider: str, fingerprint: str) -> KeyHealth:
         key = (provider, fingerprint)
@@ -181,6 +268,54 @@ class HealthRegistry:
         ):
             state.open_until = now + self.cooldown
             state.half_open = True
+
+    # --- latency: adaptive attempt caps and hedging delays ---------------------------------
+
+    def observe(self, provider: str, model: str, latency: float, output_tokens: int | None) -> None:
+        """Add a successful non-streamed answer to its (provider, model) latency sketch."""
+        key = (provider, model)
+        sketch = self._latency.get(key)
+        if sketch is None:
+            window = self.timeouts.window if self.timeouts is not None else 128
+            sketch = self._latency[key] = LatencySketch(window)
+        sketch.add(latency, output_tokens)
+
+    def latency_estimate(
+        self, provider: str, model: str, q: float, max_tokens: int | None = None
+    ) -> float | None:
+        """The ``q``-quantile latency of (provider, model), or ``None`` before ``min_samples``."""
+        sketch = self._latency.get((provider, model))
+        needed = self.timeouts.min_samples if self.timeouts is not None else 20
+        if sketch is None or sketch.count < needed:
+            return None
+        return sketch.estimate(q, max_tokens)
+
+    def attempt_cap(
+        self,
+        state: KeyHealth,
+        model: str,
+        max_tokens: int | None,
+        remaining: float,
+        more: bool,
+    ) -> float:
+        """Seconds one non-streamed attempt on ``state``'s key may take (:class:`AdaptiveTimeouts`).
+
+        ``remaining`` is what is left of the request's deadline; ``more``: another provider
+        follows in the chain, so part of ``remaining`` is kept for it.
+        """
+        policy = self.timeouts
+        if policy is None:
+            return remaining
+        estimate = self.latency_estimate(state.provider, model, policy.quantile, max_tokens)
+        if estimate is None:
+            cap = policy.cold_cap(max_tokens)
+        else:
+            cap = min(policy.ceiling, max(policy.floor, policy.factor * estimate))
+            if state.half_open:
+                cap = max(cap, policy.cold_cap(max_tokens))
+        if more:
+            return min(cap, remaining * (1.0 - policy.reserve))
+        return min(cap, remaining)
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock()

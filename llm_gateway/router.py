@@ -32,7 +32,7 @@ from .chain import (
     rate_limit_wait,
     route_for,
 )
-from .config import GroupEntry, TenantConfig, parse_model_groups
+from .config import GroupEntry, HedgeConfig, TenantConfig, parse_model_groups
 from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
@@ -91,7 +91,11 @@ class TenantLLMRouter:
         record_usage: ``False`` records nothing (tests of routing only).
         timeout: default total deadline of a request in seconds, every attempt included
             (for streams: until the first content chunk).
-        attempt_timeout: cap of one non-streamed attempt (default: only the deadline).
+        attempt_timeout: fixed cap of one non-streamed attempt (default: adaptive, from the
+            provider's recent latencies; see :class:`~llm_gateway.health.AdaptiveTimeouts`).
+        hedge: hedge non-streamed requests, ``{"after_ms": 800}`` or ``{"after": "p95"}``
+            (:class:`~llm_gateway.config.HedgeConfig`); a tenant's ``inference_config.hedge``
+            wins. Default: no hedging.
         ttft_timeout: cap of one streamed attempt until its first content chunk.
         chunk_timeout: longest wait between two chunks of a stream.
         connect_timeout: seconds to connect to PostgreSQL for config reads (default 5).
@@ -131,12 +135,15 @@ class TenantLLMRouter:
         model_groups: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
         keyring: KeyRing | str | Mapping[str, bytes] | None = None,
         config_notify: bool | None = None,
+        hedge: Mapping[str, Any] | HedgeConfig | None = None,
     ) -> None:
         # Validated first: a malformed group is the caller's error, before any other setup.
         self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
             model_groups or {}
         )
         self.dsn = resolve_dsn(dsn)
+        # Validated now: a typo raises here (pydantic's ValueError), not at the first request.
+        self.hedge = None if hedge is None else HedgeConfig.model_validate(hedge)
         if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
             validate_dsn(self.dsn, check="dsn= or DATABASE_URL")  # ConfigError now, not asyncpg's
         self.timeout = timeout
@@ -370,9 +377,11 @@ class TenantLLMRouter:
         estimated_tokens: int,
         deadline: float,
         budget: float,
+        timer: Any = None,
     ) -> R:
         """:func:`run_attempts` over ``chain``; within a model group, a context-length 400
-        moves on to the next entries with a larger window (the same request and ledger)."""
+        moves on to the next entries with a larger window (the same request and ledger).
+        ``timer`` gives each attempt its cap (adaptive timeouts; completions only)."""
         floor: int | None = None
         while True:
             try:
@@ -384,6 +393,7 @@ class TenantLLMRouter:
                     deadline=deadline,
                     budget=budget,
                     replan=partial(self._order, tid, route, estimated_tokens, deadline, floor),
+                    timer=timer,
                 )
             except ContextWindowExceededError as exc:
                 if route.group is None:
@@ -473,9 +483,10 @@ class TenantLLMRouter:
                 health=self._health,
                 started=started,
                 cap=self.attempt_timeout,
+                hedge=route.config.inference.hedge or self.hedge,
             )
             return await self._attempt(
-                call, chain, tid, route, ledger, estimated_tokens, deadline, budget
+                call, chain, tid, route, ledger, estimated_tokens, deadline, budget, timer=call
             )
         finally:
             self._leave()

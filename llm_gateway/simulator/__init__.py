@@ -17,13 +17,14 @@ import math
 import os
 import signal
 
-from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour
+from .behaviour import BEHAVIOURS, STREAM_ONLY_BEHAVIOURS, Behaviour, LatencyDistribution
 from .server import RecordedRequest, SimulatedProvider
 
 __all__ = [
     "BEHAVIOURS",
     "STREAM_ONLY_BEHAVIOURS",
     "Behaviour",
+    "LatencyDistribution",
     "RecordedRequest",
     "SimulatedProvider",
     "run_simulator",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -22,6 +24,7 @@ __all__ = [
     "STATUS_BEHAVIOURS",
     "STREAM_ONLY_BEHAVIOURS",
     "Behaviour",
+    "LatencyDistribution",
     "as_behaviour",
     "dumps",
     "error_body",
@@ -155,6 +158,33 @@ class Behaviour:
         if self.kind not in BEHAVIOURS:
             known = ", ".join(sorted(BEHAVIOURS))
             raise ValueError(f"unknown simulator behaviour {self.kind!r}; known: {known}")
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyDistribution:
+    """A latency drawn per request, for tail-latency experiments (hedging, timeouts).
+
+    A lognormal body around ``median_ms`` (``sigma``: the spread of its logarithm; 0 means
+    always ``median_ms``) and, with probability ``tail_rate``, a slow tail around ``tail_ms``
+    (same spread). ``LatencyDistribution(40, sigma=0.3, tail_rate=0.01, tail_ms=2000)``: 1 %
+    of requests take about 2 s.
+    """
+
+    median_ms: float
+    sigma: float = 0.0
+    tail_rate: float = 0.0
+    tail_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.median_ms < 0 or self.tail_ms < 0 or self.sigma < 0:
+            raise ValueError("latencies and sigma must not be negative")
+        if not 0.0 <= self.tail_rate <= 1.0:
+            raise ValueError("tail_rate must be within [0, 1]")
+
+    def sample(self, rng: random.Random) -> float:
+        """One latency in milliseconds."""
+        base = self.tail_ms if self.tail_rate and rng.random() < self.tail_rate else self.median_ms
+        return base * math.exp(rng.gauss(0.0, self.sigma)) if self.sigma else base
 
 
 _PLAIN: Final = {name: Behaviour(name) for name in BEHAVIOURS}

@@ -37,6 +37,7 @@ from .behaviour import (
     STATUS_BEHAVIOURS,
     STREAM_ONLY_BEHAVIOURS,
     Behaviour,
+    LatencyDistribution,
     as_behaviour,
     dumps,
     error_body,
@@ -103,6 +104,7 @@ class SimulatedProvider:
         record_requests: bool = True,
         rate_limit_requests: int = 10_000,
         rate_limit_tokens: int = 1_000_000,
+        latency_dist: LatencyDistribution | None = None,
     ) -> None:
         """Configure the simulator; nothing listens until :meth:`start`.
 
@@ -111,6 +113,8 @@ class SimulatedProvider:
         chat request fails that way; with ``fail_rate > 0`` and no ``fail_with``, failures are
         "500". ``flavor="groq"`` reports streamed usage in the final chunk's ``x_groq.usage``.
         ``record_requests=False`` keeps :attr:`requests` empty (for long benchmarks).
+        ``latency_dist`` draws each answer's delay instead of ``latency_ms`` (a behaviour's own
+        ``latency_ms`` still wins), from its own ``random.Random(seed)``.
         """
         if not 0.0 <= fail_rate <= 1.0:
             raise ValueError("fail_rate must be within [0, 1]")
@@ -140,6 +144,8 @@ class SimulatedProvider:
         self._requested_port = port
         self._port = port
         self._rng = random.Random(seed)
+        self.latency_dist = latency_dist
+        self._latency_rng = random.Random(seed)
         self._script: deque[Behaviour] = deque()
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
@@ -323,7 +329,10 @@ class SimulatedProvider:
         beh = self._choose(rec.api_key)
         rec.behaviour = beh.kind
         self._seq += 1
-        latency = beh.latency_ms if beh.latency_ms is not None else self.latency_ms
+        latency = beh.latency_ms
+        if latency is None:
+            dist = self.latency_dist
+            latency = self.latency_ms if dist is None else dist.sample(self._latency_rng)
         if latency > 0:
             await asyncio.sleep(latency / 1000)
         kind = beh.kind
