@@ -62,7 +62,7 @@ SELECT gen_random_uuid(),
        ('00000000-0000-0000-0000-' || lpad(k::text, 12, '0'))::uuid,
        'groq', 'm' || (g % 7), 100 + g % 900, 50 + g % 400, 100 + g % 3000,
        (g % 1000) / 100000.0, CASE WHEN g % 14 = 0 THEN 'error' ELSE 'success' END,
-       $3::timestamptz + (g - $1) * $4::interval
+       $3::timestamptz + g * $4::interval
   FROM (SELECT g, floor(1000 * power(random(), 3))::int AS k
           FROM generate_series($1::bigint, $2::bigint) AS g) AS r
 """
@@ -107,6 +107,9 @@ async def main() -> None:
     parser.add_argument("--dsn", default=_common.DEFAULT_ADMIN_DSN)
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument(
+        "--explain", action="store_true", help="print the heaviest tenant's plans, both ways"
+    )
     args = parser.parse_args()
     print(_common.environment(["asyncpg"]))
     reader = f"llmgw_bench_rls_{uuid.uuid4().hex[:8]}"
@@ -120,6 +123,8 @@ async def main() -> None:
                 scoped = await asyncpg.connect(dsn, user=reader)
                 try:
                     rows = await _measure(admin, scoped, median, heavy, args.runs)
+                    if args.explain:
+                        await _explain(admin, scoped, heavy)
                 finally:
                     await scoped.close()
             finally:
@@ -135,6 +140,20 @@ async def main() -> None:
         ["query", "bypass", "policy", "policy+where"],
         rows,
     )
+
+
+async def _explain(
+    admin: asyncpg.Connection, scoped: asyncpg.Connection, tenant: uuid.UUID
+) -> None:
+    for name, sql in QUERIES.items():
+        explain = "EXPLAIN (ANALYZE, COSTS OFF, SUMMARY OFF) "
+        plan = await admin.fetch(explain + sql.format(tenant=f" AND tenant_id = '{tenant}'"))
+        print(f"\n--- {name}, bypass:")
+        print("\n".join(r[0] for r in plan))
+        async with tenant_scope(scoped, tenant):
+            plan = await scoped.fetch(explain + sql.format(tenant=""))
+        print(f"--- {name}, policy:")
+        print("\n".join(r[0] for r in plan))
 
 
 async def _measure(
