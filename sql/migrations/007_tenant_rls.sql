@@ -112,6 +112,9 @@ BEGIN
     END IF;
     GRANT SELECT ON model_usage_stats, model_usage_hourly, usage_spend_counters, budget_events
         TO llm_gateway_tenant_reader;
+    -- PUBLIC has it by default; explicit, in case the database revokes function rights from
+    -- PUBLIC (the reader's queries would fail, never leak, without it).
+    GRANT EXECUTE ON FUNCTION llm_gateway_scoped_tenant() TO llm_gateway_tenant_reader;
     IF NOT has_schema_privilege('llm_gateway_tenant_reader', ns, 'USAGE') THEN
         EXECUTE format('GRANT USAGE ON SCHEMA %s TO llm_gateway_tenant_reader', ns);
     END IF;
