@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -366,3 +367,38 @@ async def test_role_creation_is_idempotent_and_tolerates_a_concurrent_creator() 
         await _admin(f"DROP ROLE IF EXISTS {made}")
         await _admin(f"DROP ROLE IF EXISTS {plain}")
         await _admin(f"DROP ROLE IF EXISTS {creator}")
+
+
+async def test_a_non_owner_writer_role_still_writes_every_batch(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # PostgreSQL refuses COPY into a table with row security to a role that is not its owner.
+    # A router writing as such a role (INSERT granted) must not fail every fresh batch.
+    from tests.test_usage_tracker import make_row, tracker_for
+
+    writer = f"llmgw_rls_writer_{uuid.uuid4().hex[:8]}"
+    await _admin(f"CREATE ROLE {writer} LOGIN NOSUPERUSER NOBYPASSRLS")
+    owner = await asyncpg.connect(cluster.dsn(cluster.owner))
+    try:
+        await owner.execute(
+            f"GRANT SELECT, INSERT ON model_usage_stats TO {writer};"
+            f" GRANT SELECT, INSERT, UPDATE ON usage_spend_counters TO {writer}"
+        )
+        tenant = uuid.uuid4()
+        tracker = tracker_for(cluster.dsn(writer), tmp_path, maintenance_interval=3600.0)
+        await tracker.start()
+        for batch in range(3):
+            for i in range(10):
+                tracker.record(make_row(tenant, batch * 10 + i))
+            assert await tracker.flush(timeout=30)
+        backlog = await tracker.close()
+        assert (backlog.written_rows, backlog.spooled_total) == (30, 0)
+        assert backlog.failed_batches == 0, backlog.last_error
+        stored = await owner.fetchval(
+            "SELECT count(*) FROM model_usage_stats WHERE tenant_id = $1", tenant
+        )
+        assert stored == 30
+    finally:
+        await owner.execute(f"REVOKE ALL ON model_usage_stats, usage_spend_counters FROM {writer}")
+        await owner.close()
+        await _admin(f"DROP ROLE IF EXISTS {writer}")
