@@ -25,9 +25,10 @@
 -- The tenant of the current transaction, or NULL when the setting is absent, empty or not a
 -- UUID in its canonical form (what tenant_scope sends). Checked before the cast, so garbage
 -- from the application never raises and never matches. Policies call it as a scalar subquery,
--- so it runs once per query and the tenant_id indexes are used.
+-- so it runs once per query and the tenant_id indexes are used. Its search_path is fixed, so
+-- a reader's own search_path cannot swap the operator or the type it uses.
 CREATE OR REPLACE FUNCTION llm_gateway_scoped_tenant() RETURNS uuid
-LANGUAGE sql STABLE PARALLEL SAFE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog AS $$
     SELECT CASE WHEN s ~ '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$'
                 THEN s::uuid END
     FROM (SELECT current_setting('llm_gateway.tenant_id', true) AS s) setting
