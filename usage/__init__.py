@@ -10,6 +10,7 @@ from __future__ import annotations
 from .ids import new_usage_id
 from .pricing import PRICE_TABLE_VERSION, Price, PriceBook, calculate_cost, default_price_book
 from .record import COLUMNS, UsageRecord
+from .scope import tenant_scope
 from .shared import close_usage_tracker, get_usage_tracker, track_usage
 from .spool import default_spool_dir
 from .stats import (
@@ -43,5 +44,6 @@ __all__ = [
     "default_spool_dir",
     "get_usage_tracker",
     "new_usage_id",
+    "tenant_scope",
     "track_usage",
 ]

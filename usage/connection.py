@@ -58,6 +58,7 @@ class WriterLink:
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self._conn: PoolConn | None = None
+        self._copy_refused = False
 
     async def connection(self) -> PoolConn:
         """The writer's connection, acquired (and prepared) if there is none or it died."""
@@ -111,9 +112,16 @@ class WriterLink:
         """
         conn = await self.connection()
         try:
-            if idempotent:
+            if idempotent or self._copy_refused:
                 return await w.upsert_rows(conn, rows, timeout=self.write_timeout)
-            return await w.copy_rows(conn, rows, timeout=self.write_timeout)
+            try:
+                return await w.copy_rows(conn, rows, timeout=self.write_timeout)
+            except asyncpg.FeatureNotSupportedError:
+                # Row security (migration 007) makes PostgreSQL refuse COPY to a role that does
+                # not own the table; INSERT is allowed: take the staged path from now on.
+                self._copy_refused = True
+                log.info("COPY into the usage table refused (not its owner); using INSERT")
+                return await w.upsert_rows(conn, rows, timeout=self.write_timeout)
         except asyncio.CancelledError:
             self.discard()  # cancelled mid-statement: the session is unusable
             raise
