@@ -248,6 +248,7 @@ SELECT count(*) FILTER (WHERE "timestamp" >= now() - interval '1 minute') AS req
        now() AS checked_at
 FROM model_usage_stats
 WHERE tenant_id = $1 AND provider = $2 AND "timestamp" >= now() - interval '1 day'
+  AND status <> 'quota_exceeded'
 """
 
 _LIMIT_KEYS: Final = ("requests_per_minute", "tokens_per_minute", "requests_per_day")
@@ -342,9 +343,9 @@ async def check_rate_limit_status(
     tenant's ``rate_limits`` entry is malformed, or two keys name one provider. A tenant
     without a row gets the defaults.
 
-    For a limit the tenant configured, which the router enforces, the counts are the ones
-    admission acts on: uses in the sliding window plus what router processes hold (leases).
-    Other counts are read from the usage rows.
+    Counts come from the usage rows (refusals excluded); for a limit the tenant configured,
+    which the router enforces, a count is at least what admission acts on: uses in the sliding
+    window plus what router processes hold (leases), so requests in flight count too.
     """
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(tenant_id)
     provider = _provider_id(provider)
@@ -359,7 +360,8 @@ async def check_rate_limit_status(
                     held = await conn.fetchval(
                         _GOVERNED_SQL, f"t:{tid}:p:{provider}:{key}", _WINDOWS[key]
                     )
-                    row[column] = round(held)
+                    # Admitted requests not yet in the rows (in flight, queued) count too.
+                    row[column] = max(row[column], round(held))
     percent = max(
         _percent(row["req_min"], limits.requests_per_minute),
         _percent(row["tok_min"], limits.tokens_per_minute),
