@@ -197,6 +197,8 @@ async def test_batch_failing_once_is_retried_and_lands_once(
             pid = await pg.fetchval(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
                 " AND application_name = 'llm_gateway.usage' AND wait_event_type = 'Lock'"
+                # The writer's COPY, not maintenance (whose DDL waits on the lock too).
+                " AND query ILIKE 'COPY%'"
             )
             if pid is not None:
                 break
