@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from usage import ModelUsageTracker
+from usage.analytics.labels import InvalidLabelError, labels_from
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
@@ -303,10 +304,19 @@ class TenantLLMRouter:
         user_id: str | None,
         task_type: TaskType,
         metadata: Mapping[str, Any] | None,
+        labels: tuple[str | None, list[str] | None] = (None, None),
     ) -> RequestLedger:
         tracker = self._tracker if self._record_usage else None
         return RequestLedger(
-            tenant_id, tracker, self._prices, endpoint, user_id, task_type, metadata
+            tenant_id,
+            tracker,
+            self._prices,
+            endpoint,
+            user_id,
+            task_type,
+            metadata,
+            session_id=labels[0],
+            tags=labels[1],
         )
 
     async def complete_for_tenant(
@@ -320,6 +330,8 @@ class TenantLLMRouter:
         metadata: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
         **params: Any,
     ) -> CompletionResult:
         """Complete ``messages`` for a tenant, failing over across its chain.
@@ -328,7 +340,8 @@ class TenantLLMRouter:
         ...); ``model``, ``stream`` and the SDK's ``extra_*`` are reserved.
         ``timeout`` is the total deadline in seconds for every attempt together (default: the
         router's). Each attempt that reaches a provider becomes one ``model_usage_stats`` row;
-        ``metadata`` is stored in it under ``metadata.caller``.
+        ``metadata`` is stored in it under ``metadata.caller``. ``session_id`` and ``tags``
+        (default: the same keys of ``metadata``) are stored as columns of every row.
 
         Raises:
             InvalidRequestError: a reserved or unserialisable parameter (nothing was sent).
@@ -338,15 +351,17 @@ class TenantLLMRouter:
                 breaker.
             BadRequestError: the provider rejected the request itself (not failed over).
             AllProvidersFailedError: every attempt failed; ``.attempts`` lists them.
+            InvalidRequestError: also for an invalid ``session_id`` or ``tags``.
             DeadlineExceededError: ``timeout`` ran out first.
         """
+        labels = _labels(session_id, tags, metadata)
         self._admit(params)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
             call = CompletionCall(
                 self._providers,
                 messages,
@@ -379,6 +394,8 @@ class TenantLLMRouter:
         metadata: Mapping[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
         **params: Any,
     ) -> CompletionStream:
         """Stream a completion; same arguments as :meth:`complete_for_tenant`.
@@ -387,13 +404,14 @@ class TenantLLMRouter:
         through the same attempt loop); a later failure raises :class:`MidStreamError`. Use
         ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
+        labels = _labels(session_id, tags, metadata)
         self._admit(params)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
@@ -438,3 +456,13 @@ class TenantLLMRouter:
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:
         return self._tracker
+
+
+def _labels(
+    session_id: object, tags: object, metadata: Mapping[str, Any] | None
+) -> tuple[str | None, list[str] | None]:
+    """Validated session id and tags, or :class:`InvalidRequestError` naming the field."""
+    try:
+        return labels_from(session_id, tags, metadata)
+    except InvalidLabelError as exc:
+        raise InvalidRequestError(str(exc), parameter=exc.field) from None
