@@ -202,10 +202,16 @@ END $$;
 CREATE OR REPLACE FUNCTION llm_gateway_refresh_usage_hourly(from_ts timestamptz,
                                                             to_ts timestamptz)
 RETURNS bigint
-LANGUAGE sql AS $$
-    SELECT llm_gateway_refresh_usage_hourly_base(from_ts, to_ts)
-           + llm_gateway_refresh_usage_analytics(from_ts, to_ts)
-$$;
+LANGUAGE plpgsql AS $$
+DECLARE
+    written bigint;
+BEGIN
+    written := llm_gateway_refresh_usage_hourly_base(from_ts, to_ts);
+    -- After the hourly rollup, which the tenant series is derived from. The count returned
+    -- stays that of model_usage_hourly and model_usage_daily_totals, as documented in 002.
+    PERFORM llm_gateway_refresh_usage_analytics(from_ts, to_ts);
+    RETURN written;
+END $$;
 
 -- Rows written before this migration: the new rollups over everything the hourly one holds.
 DO $$
