@@ -313,7 +313,10 @@ async def test_recommendations(pg: asyncpg.Connection, tracker: ModelUsageTracke
     assert use.p50_latency_ms is not None and use.p95_latency_ms is not None
     current = (Decimal("2.50") * 3000 + Decimal("10.00") * 200) * 100 / 10**6
     assert use.cost_usd == current and use.cost_per_1k_requests == current * 10
-    assert [(r.provider, r.model) for r in recs] == [("local", "mystery"), ("openai", "gpt-4o-mini")]
+    assert [(r.provider, r.model) for r in recs] == [
+        ("local", "mystery"),
+        ("openai", "gpt-4o-mini"),
+    ]
     mini = recs[1]
     projected = (Decimal("0.15") * 3000 + Decimal("0.60") * 200) * 98 / 10**6
     assert mini.projected_cost_usd == projected

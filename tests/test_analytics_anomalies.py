@@ -161,9 +161,10 @@ async def test_one_tenant_and_min_score(pg: asyncpg.Connection, tracker: ModelUs
         await store(pg, t, data)
     only = await tracker.detect_anomalies(since=SCORED, tenant_id=tenant, now=NOW)
     assert only and {a.tenant_id for a in only} == {tenant}
-    assert await tracker.detect_anomalies(
-        since=SCORED, tenant_id=tenant, min_score=1000, now=NOW
-    ) == []
+    assert (
+        await tracker.detect_anomalies(since=SCORED, tenant_id=tenant, min_score=1000, now=NOW)
+        == []
+    )
 
 
 async def test_tenant_too_young_is_not_scored(

@@ -79,9 +79,7 @@ def test_report_csv_totals_agree_for_every_grouping(
     assert sum(int(r["requests"]) for r in rows) == 60
 
 
-def test_report_for_one_user_and_table_output(
-    db: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_report_for_one_user_and_table_output(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(
         capsys, "usage", "report", "--dsn", db, "--tenant", str(TENANT), "--user", "u0",
         "--by", "model",

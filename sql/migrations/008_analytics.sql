@@ -310,16 +310,25 @@ WITH bounds AS (
     SELECT date_trunc('hour', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS lo,
            date_trunc('hour', coalesce(as_of, now()) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hi
 ),
+-- The tenant filter is in separate branches: the plan is generic (only_tenant unknown when it
+-- is made), and "only_tenant IS NULL OR tenant_id = only_tenant" would scan every tenant.
+series AS (
+    SELECT t.tenant_id, t.hour
+    FROM model_usage_tenant_hourly t, bounds b
+    WHERE only_tenant IS NULL AND t.hour >= b.lo - interval '7 days' AND t.hour < b.hi
+    UNION ALL
+    SELECT t.tenant_id, t.hour
+    FROM model_usage_tenant_hourly t, bounds b
+    WHERE t.tenant_id = only_tenant AND t.hour >= b.lo - interval '7 days' AND t.hour < b.hi
+),
+-- Hours with rows, and hours that had rows a week earlier (a drop to zero has no row).
 candidates AS (
     SELECT DISTINCT c.tenant_id, c.hour
     FROM bounds b,
-         LATERAL (SELECT t.tenant_id, t.hour FROM model_usage_tenant_hourly t
-                  WHERE t.hour >= b.lo AND t.hour < b.hi
-                    AND (only_tenant IS NULL OR t.tenant_id = only_tenant)
+         LATERAL (SELECT s.tenant_id, s.hour FROM series s WHERE s.hour >= b.lo
                   UNION ALL
-                  SELECT t.tenant_id, t.hour + interval '7 days' FROM model_usage_tenant_hourly t
-                  WHERE t.hour >= b.lo - interval '7 days' AND t.hour < b.hi - interval '7 days'
-                    AND (only_tenant IS NULL OR t.tenant_id = only_tenant)) AS c
+                  SELECT s.tenant_id, s.hour + interval '7 days' FROM series s
+                  WHERE s.hour < b.hi - interval '7 days') AS c
 ),
 first_seen AS (
     SELECT f.tenant_id,
