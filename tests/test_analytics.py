@@ -224,7 +224,9 @@ async def test_rollups_follow_late_and_vanished_rows(
     pg: asyncpg.Connection, tracker: ModelUsageTracker
 ) -> None:
     tenant = uuid.uuid4()
-    hour = datetime(2031, 1, 7, 10, tzinfo=UTC)
+    # An hour whose monthly partition exists: rows in the default partition would make the
+    # tracker's start-up maintenance create one, under locks our refresh would then wait on.
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
     for i in range(3):
         await tracker.track_request(
             tenant_id=tenant, provider="openai", model_name="gpt-4o", endpoint="/e",
