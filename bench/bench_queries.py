@@ -40,9 +40,9 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -61,7 +61,8 @@ GENERATE = """
 INSERT INTO model_usage_stats
     (id, tenant_id, user_id, provider, model_name, endpoint, input_tokens, output_tokens,
      latency_ms, estimated_cost_usd, status, error_message, "timestamp", request_id,
-     requested_model, attempt, key_source, input_price_per_m, output_price_per_m, price_known)
+     requested_model, attempt, key_source, input_price_per_m, output_price_per_m, price_known,
+     session_id, tags)
 SELECT gen_random_uuid(),
        md5('bench-tenant-' || r.k)::uuid,
        'user-' || (r.g % 997),
@@ -89,7 +90,13 @@ SELECT gen_random_uuid(),
        CASE WHEN r.g % 4 = 0 THEN 'platform' ELSE 'tenant' END,
        m.in_price,
        m.out_price,
-       m.in_price IS NOT NULL
+       m.in_price IS NOT NULL,
+       -- 70 % of rows in a session: one per tenant and 2,000 consecutive rows overall.
+       CASE WHEN r.g % 10 < 7 THEN 'sess-' || r.k || '-' || (r.g / 2000) END,
+       -- Half the rows tagged with one of five tags, a third of those also 'beta'.
+       CASE WHEN r.g % 2 = 0 THEN
+           ARRAY[(ARRAY['chat', 'search', 'summarise', 'agent', 'eval'])[1 + (r.g / 2) % 5]]
+           || CASE WHEN r.g % 3 = 0 THEN ARRAY['beta'] ELSE '{}'::text[] END END
 FROM (SELECT g,
              floor(1000 * power(random(), 3))::int AS k,
              (random() * 100)::int AS model_pick,
@@ -182,11 +189,16 @@ async def _generate(dsn: str, rows: int, start: datetime) -> None:
     await asyncio.gather(worker(), worker())
 
 
+# psql variables other than the tenant: a user every tenant has, and a session found per tenant.
+_SESSIONS: dict[int, str] = {}
+
+
 def _load_query(name: str, tenant: int | None) -> str:
     sql = (MONITORING / name).read_text()
     if tenant is not None:
         sql = sql.replace(":'tenant_id'", _tenant_uuid_sql(tenant))
-    return sql
+        sql = sql.replace(":'session_id'", f"'{_SESSIONS.get(tenant, 'none')}'")
+    return sql.replace(":'user_id'", "'user-1'")
 
 
 async def _time_query(conn: asyncpg.Connection, sql: str, runs: int) -> tuple[float, int]:
@@ -361,12 +373,103 @@ async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
                 "jit=on: default thresholds; jit forced: jit_above_cost = 0, i.e. what JIT "
                 "costs once a query's estimate crosses the threshold (e.g. a bigger tenant).\n"
             )
+            for k in (TYPICAL_TENANT, HEAVY_TENANT):
+                _SESSIONS[k] = await conn.fetchval(
+                    f"SELECT session_id FROM model_usage_stats WHERE tenant_id ="
+                    f" {_tenant_uuid_sql(k)} AND session_id IS NOT NULL"
+                    ' ORDER BY "timestamp" DESC LIMIT 1'
+                )
             _print_table(await _bench_queries(conn, runs))
+            await _bench_analytics(conn, dsn, runs)
         finally:
             await conn.close()
     finally:
         if not keep:
             await _drop_database(admin_dsn)
+
+
+async def _median_ms(call: Callable[[], Awaitable[object]], runs: int) -> float:
+    await call()  # warm-up
+    timings = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await call()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> None:
+    """The analytics rollups' size and refresh cost, and the Python calls behind each answer."""
+    from usage.analytics.anomalies import detect_anomalies
+    from usage.analytics.monthly import get_monthly_usage
+    from usage.analytics.recommend import CandidateModel, recommend_models
+    from usage.analytics.report import GROUPINGS, usage_report
+    from usage.pricing import default_price_book
+
+    sizes = await conn.fetch(
+        """
+        SELECT t AS name, (SELECT reltuples::bigint FROM pg_class WHERE oid = t::regclass) AS rows,
+               pg_total_relation_size(t::regclass) AS bytes
+        FROM unnest(ARRAY['model_usage_hourly', 'model_usage_daily_totals',
+                          'model_usage_user_daily', 'model_usage_tenant_hourly']) AS t
+        """
+    )
+    print("\nRollups (rows estimated by ANALYZE):")
+    for r in sizes:
+        print(f"  {r['name']:<28} {r['rows']:>12,} rows {r['bytes'] / 2**20:>8,.0f} MiB")
+    # What one steady maintenance run recomputes: the last 3 hours (and their UTC days).
+    window = "now() - interval '3 hours', now()"
+    for fn in ("llm_gateway_refresh_usage_hourly_base", "llm_gateway_refresh_usage_analytics"):
+        times = [await _timed(conn, f"SELECT {fn}({window})") for _ in range(3)]
+        print(f"  {fn}(last 3 h): median {statistics.median(times) * 1000:,.0f} ms")
+
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await pool.execute("ALTER DATABASE " + DB_NAME + " SET jit = off")
+        await pool.expire_connections()
+        prices = default_price_book()
+        candidates = [
+            CandidateModel("openai", "gpt-4o-mini", 128_000),
+            CandidateModel("groq", "llama-3.1-8b", 131_072),
+        ]
+        since_30d = datetime.now(UTC) - timedelta(days=30)
+        rows: list[tuple[str, str, float]] = []
+        for label, k in (("typical", TYPICAL_TENANT), ("heaviest", HEAVY_TENANT)):
+            tid = await conn.fetchval(f"SELECT {_tenant_uuid_sql(k)}")
+            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("get_monthly_usage", lambda t=tid: get_monthly_usage(pool, t)),
+                (
+                    "get_monthly_usage(user)",
+                    lambda t=tid: get_monthly_usage(pool, t, None, "user-1"),
+                ),
+                ("detect_anomalies(24 h)", lambda t=tid: detect_anomalies(pool, tenant_id=t)),
+                ("recommend_models", lambda t=tid: recommend_models(pool, prices, t, candidates)),
+            ]
+            calls += [
+                (f"usage_report(by {by})",
+                 lambda t=tid, b=by: usage_report(pool, since=since_30d, by=b, tenant_id=t))
+                for by in GROUPINGS
+            ]  # fmt: skip
+            for name, call in calls:
+                rows.append((name, label, await _median_ms(call, runs)))
+        rows.append(
+            (
+                "detect_anomalies(24 h)",
+                "all tenants",
+                await _median_ms(lambda: detect_anomalies(pool), runs),
+            )
+        )
+        for by in ("day", "provider", "model"):
+            rows.append(
+                (f"usage_report(by {by})", "all tenants",
+                 await _median_ms(lambda b=by: usage_report(pool, since=since_30d, by=b), runs))
+            )  # fmt: skip
+    finally:
+        await pool.close()
+    print(f"\nAnalytics calls (Python, jit off), median of {runs} runs:")
+    for name, label, ms in rows:
+        print(f"  {name:<28} {label:<12} {ms:>8.1f} ms")
 
 
 def main() -> None:

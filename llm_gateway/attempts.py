@@ -51,6 +51,8 @@ class RequestLedger:
         "metadata",
         "prices",
         "request_id",
+        "session_id",
+        "tags",
         "task_type",
         "tenant_id",
         "tracker",
@@ -66,8 +68,13 @@ class RequestLedger:
         user_id: str | None,
         task_type: TaskType,
         metadata: Mapping[str, Any] | None,
+        *,
+        session_id: str | None = None,
+        tags: list[str] | None = None,
     ) -> None:
         self.tenant_id = tenant_id
+        self.session_id = session_id  # validated by the router
+        self.tags = tags
         self.tracker = tracker
         self.prices = prices
         self.endpoint = endpoint
@@ -134,6 +141,8 @@ class RequestLedger:
                 attempt=len(self.attempts) + 1,
                 key_source=entry.key_source,
                 usage_id=usage_id,
+                session_id=self.session_id,
+                tags=self.tags,
             )
             self.tracker.record(row)
             cost = row.estimated_cost_usd

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from usage import ModelUsageTracker
+from usage.analytics.labels import InvalidLabelError, labels_from
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
@@ -425,10 +426,19 @@ class TenantLLMRouter:
         user_id: str | None,
         task_type: TaskType,
         metadata: Mapping[str, Any] | None,
+        labels: tuple[str | None, list[str] | None] = (None, None),
     ) -> RequestLedger:
         tracker = self._tracker if self._record_usage else None
         return RequestLedger(
-            tenant_id, tracker, self._prices, endpoint, user_id, task_type, metadata
+            tenant_id,
+            tracker,
+            self._prices,
+            endpoint,
+            user_id,
+            task_type,
+            metadata,
+            session_id=labels[0],
+            tags=labels[1],
         )
 
     async def complete_for_tenant(
@@ -443,6 +453,8 @@ class TenantLLMRouter:
         *,
         timeout: float | None = None,
         model: str | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
         **params: Any,
     ) -> CompletionResult:
         """Complete ``messages`` for a tenant, failing over across its chain.
@@ -454,7 +466,8 @@ class TenantLLMRouter:
         ``extra_*`` are reserved.
         ``timeout`` is the total deadline in seconds for every attempt together (default: the
         router's). Each attempt that reaches a provider becomes one ``model_usage_stats`` row;
-        ``metadata`` is stored in it under ``metadata.caller``.
+        ``metadata`` is stored in it under ``metadata.caller``. ``session_id`` and ``tags``
+        (default: the same keys of ``metadata``) are stored as columns of every row.
 
         Raises:
             InvalidRequestError: a reserved or unserialisable parameter (nothing was sent);
@@ -466,15 +479,17 @@ class TenantLLMRouter:
             BadRequestError: the provider rejected the request itself (not failed over;
                 a :class:`ContextWindowExceededError` is, within a model group).
             AllProvidersFailedError: every attempt failed; ``.attempts`` lists them.
+            InvalidRequestError: also for an invalid ``session_id`` or ``tags``.
             DeadlineExceededError: ``timeout`` ran out first.
         """
+        labels = _labels(session_id, tags, metadata)
         self._admit(params)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
             call = CompletionCall(
                 self._providers,
                 messages,
@@ -503,6 +518,8 @@ class TenantLLMRouter:
         *,
         timeout: float | None = None,
         model: str | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
         **params: Any,
     ) -> CompletionStream:
         """Stream a completion; same arguments as :meth:`complete_for_tenant`.
@@ -511,13 +528,14 @@ class TenantLLMRouter:
         through the same attempt loop); a later failure raises :class:`MidStreamError`. Use
         ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
+        labels = _labels(session_id, tags, metadata)
         self._admit(params)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
@@ -580,3 +598,13 @@ class TenantLLMRouter:
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:
         return self._tracker
+
+
+def _labels(
+    session_id: object, tags: object, metadata: Mapping[str, Any] | None
+) -> tuple[str | None, list[str] | None]:
+    """Validated session id and tags, or :class:`InvalidRequestError` naming the field."""
+    try:
+        return labels_from(session_id, tags, metadata)
+    except InvalidLabelError as exc:
+        raise InvalidRequestError(str(exc), parameter=exc.field) from None

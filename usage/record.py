@@ -31,6 +31,8 @@ COLUMNS: tuple[str, ...] = (
     "input_price_per_m",
     "output_price_per_m",
     "price_known",
+    "session_id",
+    "tags",
 )
 
 
@@ -65,6 +67,8 @@ class UsageRecord:
     input_price_per_m: Decimal | None = None
     output_price_per_m: Decimal | None = None
     price_known: bool = False
+    session_id: str | None = None
+    tags: list[str] | None = None
 
     def as_tuple(self) -> tuple[Any, ...]:
         """Values in :data:`COLUMNS` order."""
@@ -90,4 +94,6 @@ class UsageRecord:
             self.input_price_per_m,
             self.output_price_per_m,
             self.price_known,
+            self.session_id,
+            self.tags,
         )

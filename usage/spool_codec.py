@@ -94,6 +94,14 @@ def _opt_dec(v: Any) -> Decimal | None:
         raise ValueError("bad decimal") from exc
 
 
+def _opt_tags(v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+        raise TypeError("tags must be a list of strings")
+    return v
+
+
 def decode_row(o: Any) -> UsageRecord:
     """The inverse of :func:`encode_row`; raises ``ValueError``/``TypeError``/``KeyError``."""
     if not isinstance(o, dict):
@@ -124,4 +132,7 @@ def decode_row(o: Any) -> UsageRecord:
         input_price_per_m=_opt_dec(o["input_price_per_m"]),
         output_price_per_m=_opt_dec(o["output_price_per_m"]),
         price_known=known,
+        # Absent in spool files written before sessions and tags existed.
+        session_id=_opt_str(o.get("session_id")),
+        tags=_opt_tags(o.get("tags")),
     )

@@ -25,13 +25,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from .analytics.labels import labels_from
 from .ids import new_usage_id
 from .pipeline import UsagePipeline
 from .pricing import PriceBook, default_price_book
@@ -45,6 +46,11 @@ from .stats import (
     get_tenant_usage_stats,
 )
 from .writer import describe_error, set_codecs
+
+if TYPE_CHECKING:
+    from .analytics.anomalies import Anomaly
+    from .analytics.monthly import MonthlyUsage
+    from .analytics.recommend import CandidateModel, ModelInUse, Recommendation
 
 __all__ = ["DEFAULT_DSN", "ModelUsageTracker", "resolve_dsn"]
 
@@ -186,8 +192,15 @@ class ModelUsageTracker(UsagePipeline):
         key_source: str | None = None,
         timestamp: datetime | None = None,
         usage_id: uuid.UUID | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> UsageRecord:
-        """Build a row with a new id and its cost from the price book (no I/O)."""
+        """Build a row with a new id and its cost from the price book (no I/O).
+
+        ``session_id`` and ``tags`` default to the same keys of ``metadata``; an invalid one
+        raises :class:`~usage.analytics.labels.InvalidLabelError` (a ``ValueError``).
+        """
+        session, tag_list = labels_from(session_id, tags, metadata)
         ts = timestamp if timestamp is not None else datetime.now(UTC)
         day = ts.date() if ts.tzinfo is UTC or ts.tzinfo is None else ts.astimezone(UTC).date()
         price = self._prices.lookup(provider, model_name, day, requested_model)
@@ -232,6 +245,8 @@ class ModelUsageTracker(UsagePipeline):
             input_price_per_m=None if price is None else price.input_per_m,
             output_price_per_m=None if price is None else price.output_per_m,
             price_known=price is not None,
+            session_id=session,
+            tags=tag_list,
         )
 
     async def track_request(
@@ -256,6 +271,8 @@ class ModelUsageTracker(UsagePipeline):
         key_source: str | None = None,
         timestamp: datetime | None = None,
         usage_id: uuid.UUID | None = None,
+        session_id: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> uuid.UUID:
         """Queue one row, priced by the tracker's price book; returns its id at once.
 
@@ -281,6 +298,8 @@ class ModelUsageTracker(UsagePipeline):
             key_source=key_source,
             timestamp=timestamp,
             usage_id=usage_id,
+            session_id=session_id,
+            tags=tags,
         )
         self.record(rec)
         return rec.id
@@ -429,6 +448,54 @@ class ModelUsageTracker(UsagePipeline):
     ) -> RateLimitStatus:
         """Last-minute and last-day use against the tenant's limits (see :mod:`usage.stats`)."""
         return await check_rate_limit_status(self._require_pool(), tenant_id, provider)
+
+    async def get_monthly_usage(
+        self,
+        tenant_id: uuid.UUID | str,
+        month: str | date | None = None,
+        user_id: str | None = None,
+    ) -> MonthlyUsage:
+        """A tenant's (or one user's) usage in a UTC month (see :mod:`usage.analytics.monthly`)."""
+        from .analytics.monthly import get_monthly_usage
+
+        return await get_monthly_usage(self._require_pool(), tenant_id, month, user_id)
+
+    async def detect_anomalies(
+        self,
+        *,
+        since: datetime | timedelta = timedelta(hours=24),
+        tenant_id: uuid.UUID | str | None = None,
+        min_score: float = 4.0,
+        now: datetime | None = None,
+    ) -> list[Anomaly]:
+        """Hourly anomalies per tenant in the complete hours since ``since`` (an instant or a
+        span back from ``now``, default the database's clock); see
+        :mod:`usage.analytics.anomalies`."""
+        from .analytics.anomalies import detect_anomalies
+
+        return await detect_anomalies(
+            self._require_pool(), since=since, tenant_id=tenant_id, min_score=min_score, now=now
+        )
+
+    async def recommend_models(
+        self,
+        tenant_id: uuid.UUID | str,
+        candidates: Sequence[CandidateModel] | None = None,
+        *,
+        days: int = 30,
+    ) -> tuple[list[ModelInUse], list[Recommendation]]:
+        """Models in use and cheaper ones to switch to (see :mod:`usage.analytics.recommend`).
+
+        ``candidates`` default to the models the tenant's keys reach with the provider
+        settings from the environment (:func:`usage.analytics.candidates.tenant_candidates`).
+        """
+        from .analytics.candidates import tenant_candidates
+        from .analytics.recommend import recommend_models
+
+        pool = self._require_pool()
+        if candidates is None:
+            candidates = await tenant_candidates(pool, tenant_id)
+        return await recommend_models(pool, self._prices, tenant_id, candidates, days=days)
 
     def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._link.pool is None:

@@ -57,13 +57,20 @@ _UPSERT_FROM_STAGE: Final = (
     f"INSERT INTO {TABLE} ({_COLS}) SELECT {_COLS} FROM {STAGE}"
     ' ON CONFLICT (id, "timestamp") DO NOTHING'
 )
+# tags (text[]) travel as array literals: unnest() of a 2-D array would flatten it.
 _PG_TYPES: Final = (
     "uuid", "uuid", "text", "text", "text", "text", "int4", "int4", "int4", "numeric", "text",
     "text", "jsonb", "timestamptz", "uuid", "text", "int2", "text", "numeric", "numeric", "bool",
+    "text", "text",
 )  # fmt: skip
+_TAGS_AT: Final = COLUMNS.index("tags")
 _UNNEST_UPSERT: Final = (
-    f"INSERT INTO {TABLE} ({_COLS}) SELECT * FROM unnest("
+    f"INSERT INTO {TABLE} ({_COLS}) SELECT "
+    + ", ".join(f"u{i}::text[]" if i == _TAGS_AT else f"u{i}" for i in range(len(COLUMNS)))
+    + " FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, t in enumerate(_PG_TYPES, start=1))
+    + ") AS u("
+    + ", ".join(f"u{i}" for i in range(len(COLUMNS)))
     + ') ON CONFLICT (id, "timestamp") DO NOTHING'
 )
 
@@ -136,9 +143,17 @@ async def unnest_upsert_rows(
     conn: Conn, rows: Sequence[UsageRecord], *, timeout: float | None
 ) -> int:
     """Idempotent write with one ``INSERT ... SELECT FROM unnest(...)`` (kept for the bench)."""
-    columns = list(zip(*_tuples(rows), strict=True)) if rows else [()] * len(COLUMNS)
+    columns: list[Any] = list(zip(*_tuples(rows), strict=True)) if rows else [()] * len(COLUMNS)
+    columns[_TAGS_AT] = [_array_literal(t) for t in columns[_TAGS_AT]]
     status = await conn.execute(_UNNEST_UPSERT, *columns, timeout=timeout)
     return int(status.rsplit(" ", 1)[-1])
+
+
+def _array_literal(tags: Sequence[str] | None) -> str | None:
+    if tags is None:
+        return None
+    quoted = ('"' + t.replace("\\", "\\\\").replace('"', '\\"') + '"' for t in tags)
+    return "{" + ",".join(quoted) + "}"
 
 
 async def drop_stage(conn: Conn) -> None:

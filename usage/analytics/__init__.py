@@ -1,0 +1,1 @@
+"""Answers from the usage ledger: monthly usage, anomalies, model-switch recommendations."""
