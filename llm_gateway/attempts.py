@@ -49,6 +49,7 @@ class RequestLedger:
         "attempts",
         "endpoint",
         "metadata",
+        "on_cost",
         "prices",
         "request_id",
         "task_type",
@@ -77,6 +78,8 @@ class RequestLedger:
         self.metadata = dict(metadata) if metadata else None
         self.request_id = new_usage_id()
         self.attempts: list[Attempt] = []
+        # Governance: told each row's cost (usage id, cost, made with a system key).
+        self.on_cost: Callable[[uuid.UUID, Decimal | None, bool], None] | None = None
 
     def record(
         self,
@@ -145,6 +148,8 @@ class RequestLedger:
                     reasoning_tokens=reasoning_tokens,
                 )
             )
+        if self.on_cost is not None and cost:
+            self.on_cost(usage_id, cost, entry.key_source == "system")
         if error is not None:
             log.info(
                 "attempt failed: tenant=%s provider=%s model=%s key=%s outcome=%s error=%s",

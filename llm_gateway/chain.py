@@ -13,6 +13,7 @@ from typing import Any
 from usage.pricing import Price
 
 from .config import TenantConfig
+from .governance.admission import QuotaPlan
 from .health import HealthRegistry
 from .keys import ApiKey
 from .providers import ProviderSettings
@@ -58,6 +59,7 @@ class TenantRoute:
     entries: tuple[ChainEntry, ...]  # preferred, then fallback_order, then the rest
     excluded: Mapping[str, str]  # provider -> why it can never be used for this tenant
     pinned: frozenset[str]  # providers whose place is fixed (preferred, fallback_order)
+    quota: QuotaPlan | None = None  # budgets and limits (set by the router, per config load)
 
 
 def build_route(

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import InvalidTenantConfigError, UnknownProviderError
+from .governance.config import Budget, Governance, Rates, SpendLimits
 from .keys import ApiKey
 
 __all__ = [
@@ -100,14 +101,14 @@ ProviderName = Annotated[str, BeforeValidator(_provider_name)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
-class RateLimits(BaseModel):
-    """A tenant's limits for one provider; ``None`` means the provider's default applies."""
+class RateLimits(Rates):
+    """A tenant's quota at one provider (``rate_limits.<provider>``); ``None``: not set.
+
+    The router enforces them (a provider whose quota is used up leaves the chain) and
+    ``check_rate_limit_status`` reports them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    requests_per_minute: int | None = Field(default=None, gt=0, strict=True)
-    tokens_per_minute: int | None = Field(default=None, gt=0, strict=True)
-    requests_per_day: int | None = Field(default=None, gt=0, strict=True)
 
 
 def _drop_unset(value: object) -> object:
@@ -138,6 +139,20 @@ class InferenceConfig(BaseModel):
     rate_limits: Annotated[dict[ProviderName, RateLimits], BeforeValidator(_drop_unset)] = Field(
         default_factory=dict
     )
+    # Governance (see llm_gateway.governance): each section replaces the router's default one.
+    budget: Budget | None = None
+    limits: Rates | None = None
+    user_limits: SpendLimits | None = None
+    system_keys: SpendLimits | None = None
+
+    def governance(self) -> Governance:
+        """The tenant's governance sections (``None`` where unset)."""
+        return Governance(
+            budget=self.budget,
+            limits=self.limits,
+            user_limits=self.user_limits,
+            system_keys=self.system_keys,
+        )
 
     @field_validator("preferred_provider", mode="before")
     @classmethod

@@ -8,12 +8,14 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any
 
 import asyncpg
+from pydantic import ValidationError
 
 from usage import ModelUsageTracker
 from usage.pricing import PriceBook, default_price_book
@@ -31,11 +33,17 @@ from .chain import (
 from .config import TenantConfig
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
+    ConfigError,
     GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
     RouterClosedError,
 )
+from .governance.admission import Admission, Governor, OnDbError
+from .governance.alerts import AlertSink, BudgetEventCallback
+from .governance.config import parse_default_limits
+from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
+from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
@@ -111,6 +119,9 @@ class TenantLLMRouter:
         health: HealthRegistry | None = None,
         price_book: PriceBook | None = None,
         fingerprint_key: str | None = None,
+        default_limits: Mapping[str, Any] | None = None,
+        quota_on_db_error: OnDbError = "open",
+        on_budget_event: BudgetEventCallback | None = None,
     ) -> None:
         self.dsn = resolve_dsn(dsn)
         if pool is None or (usage_tracker is None and record_usage):  # the DSN will be used
@@ -141,6 +152,20 @@ class TenantLLMRouter:
             stale_if_error=stale_if_error,
         )
         self._fingerprint_key = fingerprint_key
+        try:
+            defaults = parse_default_limits(default_limits)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            path = ".".join(str(p) for p in ("default_limits", *first["loc"]))
+            raise ConfigError(f"invalid {path}: {first['msg']}") from None
+        self._gate = QuotaGate(
+            Governor(
+                LeaseClient(self._get_pool),
+                on_db_error=quota_on_db_error,
+                alerts=AlertSink(self._get_pool, on_budget_event),
+            ),
+            defaults,
+        )
         self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
@@ -179,6 +204,11 @@ class TenantLLMRouter:
                         self.dsn, price_book=self._prices, spool_dir=self._spool_dir
                     )
                 await self._tracker.start()
+                governor = self._gate.governor
+                self._tracker.add_settle_listener(
+                    lambda rows: governor.rows_settled([r.id for r in rows])
+                )
+            self._gate.governor.start()
             self._started = True
 
     async def close(self, timeout: float = 30.0) -> None:
@@ -205,6 +235,8 @@ class TenantLLMRouter:
                 )
         for stream in list(self._streams):
             stream._abandon()  # its row, before the tracker drains
+        if self._started:
+            await self._gate.close()  # leases given back, budget alerts sent
         await asyncio.gather(*(p.aclose() for p in self._providers.values()))
         if self._tracker is not None and self._owns_tracker:
             await self._tracker.close()
@@ -228,7 +260,9 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(config, self._settings, self._prices.lookup, self.key_fingerprint)
+        route = build_route(config, self._settings, self._prices.lookup, self.key_fingerprint)
+        plan = self._gate.plan(config)
+        return route if plan is None else replace(route, quota=plan)
 
     def key_fingerprint(self, key: str | ApiKey) -> str:
         """The fingerprint this deployment shows for ``key`` in health, explain and usage rows."""
@@ -296,6 +330,18 @@ class TenantLLMRouter:
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 
+    @staticmethod
+    def _within(
+        admission: Admission, replan: Callable[[], Awaitable[list[ChainEntry]]]
+    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
+        """``replan`` limited to the entries admission allowed (quotas removed the others)."""
+        allowed = set(admission.entries)
+
+        async def replan_within() -> list[ChainEntry]:
+            return [e for e in await replan() if e in allowed]
+
+        return replan_within
+
     def _ledger(
         self,
         tenant_id: uuid.UUID,
@@ -314,7 +360,7 @@ class TenantLLMRouter:
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         task_type: TaskType = TaskType.CHAT,
-        estimated_tokens: int = 100,
+        estimated_tokens: int | None = None,
         endpoint: str = "/api/chat",
         user_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -341,12 +387,24 @@ class TenantLLMRouter:
             DeadlineExceededError: ``timeout`` ran out first.
         """
         self._admit(params)
+        admission: Admission | None = None
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            tokens_in = (
+                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
+            )
+            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            replan: Callable[[], Awaitable[list[ChainEntry]]] = partial(
+                self._order, tid, route, tokens_in, deadline
+            )
+            if route.quota is not None:
+                admission = await self._gate.admit(
+                    route.quota, tid, user_id, chain, tokens_in, params, ledger
+                )
+                chain, replan = admission.entries, self._within(admission, replan)
             call = CompletionCall(
                 self._providers,
                 messages,
@@ -356,16 +414,22 @@ class TenantLLMRouter:
                 started=started,
                 cap=self.attempt_timeout,
             )
-            return await run_attempts(
+            result = await run_attempts(
                 call,
                 chain,
                 ledger=ledger,
                 health=self._health,
                 deadline=deadline,
                 budget=budget,
-                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+                replan=replan,
             )
+            if admission is not None:
+                self._gate.release(
+                    admission, (result.tokens_input or 0) + (result.tokens_output or 0)
+                )
+            return result
         finally:
+            self._gate.release(admission, None)  # no-op once released
             self._leave()
 
     async def stream_for_tenant(
@@ -373,7 +437,7 @@ class TenantLLMRouter:
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         task_type: TaskType = TaskType.CHAT,
-        estimated_tokens: int = 100,
+        estimated_tokens: int | None = None,
         endpoint: str = "/api/chat",
         user_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -388,12 +452,30 @@ class TenantLLMRouter:
         ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
         self._admit(params)
+        admission: Admission | None = None
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline)
+            tokens_in = (
+                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
+            )
+            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata)
+            replan: Callable[[], Awaitable[list[ChainEntry]]] = partial(
+                self._order, tid, route, tokens_in, deadline
+            )
+            if route.quota is not None:
+                admission = await self._gate.admit(
+                    route.quota, tid, user_id, chain, tokens_in, params, ledger
+                )
+                chain, replan = admission.entries, self._within(admission, replan)
+            gate, held = self._gate, admission
+
+            def done() -> None:
+                gate.release(held, None)
+                self._leave()
+
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
@@ -403,7 +485,7 @@ class TenantLLMRouter:
                 started=started,
                 ttft_timeout=self.ttft_timeout,
                 chunk_timeout=self.chunk_timeout,
-                on_done=self._leave,
+                on_done=done,
             )
             await run_attempts(
                 stream,
@@ -412,9 +494,10 @@ class TenantLLMRouter:
                 health=self._health,
                 deadline=deadline,
                 budget=budget,
-                replan=partial(self._order, tid, route, estimated_tokens, deadline),
+                replan=replan,
             )
         except BaseException:
+            self._gate.release(admission, None)
             self._leave()
             raise
         self._streams.add(stream)
@@ -422,18 +505,39 @@ class TenantLLMRouter:
 
     # --- introspection ---------------------------------------------------------------------
 
+    async def quota_status(
+        self, tenant_id: uuid.UUID | str, user_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per configured budget or limit of the tenant (and of ``user_id``): ``scope``,
+        ``limit``, ``allowed``, ``used``, ``reserved``, ``remaining``, ``resets_at`` -- the
+        numbers admission acts on, fresh from PostgreSQL."""
+        if not self._started:
+            await self.start()
+        tid = as_tenant_id(tenant_id)
+        route = await self._store.get(tid)
+        return await self._gate.status(route.quota, tid, user_id)
+
     def health(self) -> list[dict[str, Any]]:
         """Health of every provider key used so far (fingerprints only, never keys)."""
         return self._health.snapshot()
 
     async def explain(
-        self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100
+        self, tenant_id: uuid.UUID | str, estimated_tokens: int | None = None
     ) -> dict[str, Any]:
         """The chain a request would use now, with each entry's score and every exclusion."""
         if not self._started:
             await self.start()
         route = await self._store.get(as_tenant_id(tenant_id))
-        return explain_route(route, self._health, estimated_tokens, self._health.clock())
+        tokens = 100 if estimated_tokens is None else estimated_tokens
+        explained = explain_route(route, self._health, tokens, self._health.clock())
+        if route.quota is not None:
+            quota = self._gate.governor.steering(
+                route.quota, route.entries, tokens, DEFAULT_MAX_TOKENS
+            )
+            if quota:
+                explained["chain"] = [c for c in explained["chain"] if c["provider"] not in quota]
+                explained["excluded"] = {**explained["excluded"], **quota}
+        return explained
 
     @property
     def usage_tracker(self) -> ModelUsageTracker | None:

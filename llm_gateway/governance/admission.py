@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import asyncpg
 
 from .alerts import AlertSink
+from .config import Governance
 from .errors import BudgetExceededError, QuotaExceededError
 from .leases import LeaseClient
 from .ledger import Lease, Take
@@ -57,6 +58,7 @@ class QuotaPlan:
     providers: dict[str, tuple[LimitSpec, ...]] = field(default_factory=dict)
     allow_unpriced: bool = False
     on_exhausted: Literal["refuse", "cheapest"] = "refuse"
+    governance: Governance | None = None  # the merged sections (user_limits are per user)
 
     @property
     def empty(self) -> bool:
@@ -190,6 +192,39 @@ class Governor:
                 lease.apply(answer, snapshot, want, done)
                 if lease.spec.alert_at:
                     self._check_alerts(lease, lease.committed)
+
+    async def refresh(self, leases: Iterable[Lease]) -> None:
+        """Renew ``leases`` now (for reporting): what they hold is asked for again."""
+        await self._renew({lease.spec.key: 0.0 for lease in leases})
+
+    def steering(
+        self, plan: QuotaPlan, entries: Sequence[Entry], tokens_in: int, tokens_out: int
+    ) -> dict[str, str]:
+        """Providers a quota would remove from ``entries`` now, with why (for ``explain``;
+        from what this process holds, no I/O, nothing taken)."""
+        at = datetime.fromtimestamp(self.wall(), UTC)
+        tokens = float(tokens_in + tokens_out)
+        excluded: dict[str, str] = {}
+        for provider, specs in plan.providers.items():
+            if any(e.provider == provider for e in entries):
+                short = self._short(specs, tokens, at, {})
+                if short is not None:
+                    excluded[provider] = f"provider quota: {short.limit} reached"
+        system_entries = [e for e in entries if e.key_source == "system"]
+        if plan.system and system_entries:
+            worst = self._worst(system_entries, tokens_in, tokens_out)
+            short = self._short(plan.system, tokens, at, {}, worst)
+            if short is not None:
+                for e in system_entries:
+                    excluded.setdefault(e.provider, f"system key quota: {short.limit} reached")
+        return excluded
+
+    def rate_resets_at(self, lease: Lease, at: datetime) -> datetime:
+        """When the oldest use in a rate window leaves it (``at`` if none is known)."""
+        spec = lease.spec
+        if lease.oldest is None:
+            return at
+        return datetime.fromtimestamp(lease.oldest + spec.window_s + spec.bucket_s, UTC)
 
     # --- admission ---------------------------------------------------------------------------
 
