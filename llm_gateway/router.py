@@ -235,9 +235,12 @@ class TenantLLMRouter:
                 )
         for stream in list(self._streams):
             stream._abandon()  # its row, before the tracker drains
-        if self._started:
-            await self._gate.close()  # leases given back, budget alerts sent
         await asyncio.gather(*(p.aclose() for p in self._providers.values()))
+        if self._started:
+            if self._tracker is not None:
+                # Rows written first, so the last renewal sees this process's spend.
+                await self._tracker.flush(timeout=min(5.0, timeout))
+            await self._gate.close()  # leases given back, budget alerts sent
         if self._tracker is not None and self._owns_tracker:
             await self._tracker.close()
         if self._pool is not None and self._owns_pool:

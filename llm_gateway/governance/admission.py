@@ -35,7 +35,7 @@ OnDbError = Literal["open", "closed"]
 IDLE_AFTER = 3.0  # seconds without a request before a lease is given back
 # After a renewal that could not grant what was asked, requests short of that lease are refused
 # without asking again for this long: refusals do not cost a statement each.
-SHORT_BACKOFF = 0.25
+SHORT_BACKOFF = 0.02
 
 
 class Entry(Protocol):
@@ -131,14 +131,20 @@ class Governor:
         return lease
 
     async def _renew(self, needs: dict[str, float]) -> None:
-        """Renew the leases in ``needs`` (key -> amount wanted now), sharing a running renewal."""
+        """Renew the leases in ``needs`` (key -> amount this request needs), sharing renewals.
+
+        Needs of concurrent requests add up, so one renewal can admit them all.
+        """
         for key, amount in needs.items():
-            self._wanted[key] = max(self._wanted.get(key, 0.0), amount)
+            self._wanted[key] = self._wanted.get(key, 0.0) + amount
         running = self._renewing
         if running is not None:
+            # It may have started before our needs were noted: then the next one takes them.
             await asyncio.shield(running)
             if all(self._leases[k].room() >= a for k, a in needs.items() if k in self._leases):
                 return
+            if not self._wanted.keys() & needs.keys():
+                return  # ours were in that renewal: there is no more room
         running = self._renewing
         if running is None:
             running = asyncio.get_running_loop().create_task(self._renew_now())
@@ -156,7 +162,7 @@ class Governor:
         wanted, self._wanted = self._wanted, {}
         at = datetime.fromtimestamp(self.wall(), UTC)
         now = self.clock()
-        snapshots: dict[str, tuple[Lease, Any, float]] = {}
+        snapshots: dict[str, tuple[Lease, Any]] = {}
         requests = []
         released = set(release)
         for key, lease in list(self._leases.items()):
@@ -172,7 +178,7 @@ class Governor:
                     lease.reserved + lease.pending if lease.spec.kind == "budget" else 0
                 )
             requests.append(request)
-            snapshots[request["key"]] = (lease, snapshot, float(request["want"]))
+            snapshots[request["key"]] = (lease, snapshot)
             lease.renewed_at = now
         if not requests or now < self._db_down_until:
             return
@@ -186,10 +192,10 @@ class Governor:
             )
             return
         done = self.clock()
-        for key, (lease, snapshot, want) in snapshots.items():
+        for key, (lease, snapshot) in snapshots.items():
             answer = answers.get(key)
             if answer is not None:
-                lease.apply(answer, snapshot, want, done)
+                lease.apply(answer, snapshot, done)
                 if lease.spec.alert_at:
                     self._check_alerts(lease, lease.committed)
 
@@ -441,7 +447,8 @@ class Governor:
         at = datetime.fromtimestamp(self.wall(), UTC)
         lease = self.lease(spec, at)
         if spec.kind == "budget" and spec.alert_at:
-            self._check_alerts(lease, lease.committed, refused=True)
+            spent = lease.committed + lease.written + lease.pending
+            self._check_alerts(lease, spent, refused=True)
         if spec.kind == "budget":
             bounds = lease.bounds or spec.bounds(at)
             retry_after = max(0.0, (bounds.end - at).total_seconds())
@@ -505,6 +512,10 @@ class Governor:
                     # The spend is now in the counters: it leaves the lease for good.
                     lease.pending = max(0.0, lease.pending - cost)
                     lease.held = max(0.0, lease.held - cost)
+                    lease.written += cost
+                    lease.settled += cost
+                    if lease.spec.alert_at:
+                        self._check_alerts(lease, lease.committed + lease.written)
 
     # --- background ----------------------------------------------------------------------------
 
