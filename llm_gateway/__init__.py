@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         TenantNotFoundError,
         UnknownProviderError,
     )
+    from .governance.errors import BudgetExceededError, QuotaExceededError
     from .health import HealthRegistry
     from .keys import ApiKey
     from .migrate import apply_migrations
@@ -87,6 +88,8 @@ _EXPORTS: dict[str, str] = {
     "ServerError": "errors",
     "TenantNotFoundError": "errors",
     "UnknownProviderError": "errors",
+    "BudgetExceededError": "governance.errors",
+    "QuotaExceededError": "governance.errors",
     "HealthRegistry": "health",
     "ApiKey": "keys",
     "apply_migrations": "migrate",
@@ -111,6 +114,7 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceededError",
     "CompletionResult",
     "CompletionStream",
     "ConfigError",
@@ -129,6 +133,7 @@ __all__ = [
     "ProviderError",
     "ProviderSettings",
     "ProviderTimeoutError",
+    "QuotaExceededError",
     "RateLimitError",
     "RouterClosedError",
     "ServerError",
