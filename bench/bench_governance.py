@@ -139,7 +139,7 @@ async def part_a(
             if governor.client.statements != statements:
                 raise RuntimeError("a renewal ran during the timed loops: not the cached path")
             rows.append([name, _spread(per, 1e6), f"{len(per)} x {args.loops:,}"])
-            if args.profile and name == "all":
+            if args.profile and name == args.profile_variant:
                 profile = cProfile.Profile()
                 profile.enable()
                 for usage_id in (uuid.uuid4() for _ in range(args.loops)):
@@ -160,6 +160,17 @@ async def part_a(
 # --- (b) statements per 1,000 requests ------------------------------------------------------
 
 
+async def _drive(router: TenantLLMRouter, tenant: uuid.UUID, n: int) -> None:
+    """``n`` requests, 16 at a time, spread over 5 users."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await router.complete_for_tenant(tenant, MSG, max_tokens=20, user_id=f"user{i % 5}")
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
 async def part_b(
     dsn: str, pg: asyncpg.Connection, sim: SimulatedProvider, args: argparse.Namespace
 ) -> None:
@@ -170,20 +181,11 @@ async def part_b(
     for _ in range(args.b_repeats):
         t = await _tenant(pg, ALL)
         async with TenantLLMRouter(dsn, providers=settings, spool_dir=spool) as router:
-            gate = asyncio.Semaphore(16)
-            users = [f"user{i}" for i in range(5)]
-
-            async def one(i: int, router: TenantLLMRouter = router) -> None:
-                async with gate:
-                    await router.complete_for_tenant(
-                        t, MSG, max_tokens=20, user_id=users[i % len(users)]
-                    )
-
-            await asyncio.gather(*(one(i) for i in range(300)))  # warm-up
+            await _drive(router, t, 300)  # warm-up
             client = router._gate.governor.client
             before = client.statements
             started = time.monotonic()
-            await asyncio.gather(*(one(i) for i in range(args.requests)))
+            await _drive(router, t, args.requests)
             elapsed = time.monotonic() - started
             figures.append((client.statements - before) * 1000 / args.requests)
             rates.append(args.requests / elapsed)
@@ -299,4 +301,7 @@ if __name__ == "__main__":
     parser.add_argument("--c-repeats", type=int, default=3, help="(c) repeats per limit")
     parser.add_argument("--parts", default="abc", help="which parts to run (default: abc)")
     parser.add_argument("--profile", action="store_true", help="(a) cProfile the 'all' loop")
+    parser.add_argument(
+        "--profile-variant", default="all", help="(a) the variant --profile profiles"
+    )
     asyncio.run(main(parser.parse_args()))

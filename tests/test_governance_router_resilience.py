@@ -232,3 +232,37 @@ async def test_lease_of_a_killed_process_returns_after_its_ttl(
             return_exceptions=True,
         )
         assert [getattr(r, "provider", r) for r in results] == ["llm7"] * n
+
+
+# --- concurrent requests far below every limit -------------------------------------------------
+
+
+async def test_concurrent_requests_far_below_every_limit_are_all_admitted(
+    pg_dsn: str, pg: asyncpg.Connection, sim: SimulatedProvider
+) -> None:
+    """Requests waiting on a renewal that did not carry their needs wait for the one that does
+    (found by bench/bench_governance.py: a user budget of $1M refused at $0.07)."""
+    high = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "requests_per_day": 10**9}
+    t = await _tenant(
+        pg,
+        budget={"max_usd": 1e6},
+        limits=high,
+        user_limits={"max_usd": 1e6, "period": "1d", **high},
+        system_keys={"max_usd": 1e6, **high},
+        rate_limits={"llm7": high},
+    )
+    gate = asyncio.Semaphore(16)
+    async with _router(pg_dsn, sim) as router:
+
+        async def one(i: int) -> object:
+            async with gate:
+                try:
+                    return await router.complete_for_tenant(
+                        t, MSG, max_tokens=20, user_id=f"user{i % 5}"
+                    )
+                except QuotaExceededError as exc:
+                    return exc
+
+        results = await asyncio.gather(*(one(i) for i in range(300)))
+    refused = [r for r in results if isinstance(r, QuotaExceededError)]
+    assert refused == [], refused[:3]

@@ -112,8 +112,7 @@ class Lease:
     def apply(self, answer: dict[str, Any], snapshot: Any, now: float) -> None:
         """Take in the renewal's answer; what was used meanwhile stays to be reported."""
         self.held = float(answer["granted"])
-        if self.held + 1e-12 < self.needed:
-            self.short_at = now  # not even what was needed: the limit is reached
+        needed = self.needed
         self.committed = float(answer["committed"])
         self.others = float(answer["others"])
         self.holders = int(answer.get("holders") or 0)
@@ -134,6 +133,10 @@ class Lease:
             # in the answer's committed: it leaves the lease (the safe side).
             self.bounds, settled = snapshot
             self.held = max(0.0, self.held - (self.settled - settled))
+            # That spend was in what was needed too: it is no shortage of the grant.
+            needed -= self.settled - settled
+        if self.held + 1e-12 < needed:
+            self.short_at = now  # not even what was needed: the limit is reached
 
 
 @dataclass(slots=True)
