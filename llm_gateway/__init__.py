@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         TenantNotFoundError,
         UnknownProviderError,
     )
+    from .governance.errors import BudgetExceededError, QuotaExceededError
     from .health import HealthRegistry
     from .keys import ApiKey
     from .migrate import apply_migrations
@@ -89,6 +90,8 @@ _EXPORTS: dict[str, str] = {
     "ServerError": "errors",
     "TenantNotFoundError": "errors",
     "UnknownProviderError": "errors",
+    "BudgetExceededError": "governance.errors",
+    "QuotaExceededError": "governance.errors",
     "HealthRegistry": "health",
     "ApiKey": "keys",
     "apply_migrations": "migrate",
@@ -113,6 +116,7 @@ __all__ = [
     "Attempt",
     "AuthenticationError",
     "BadRequestError",
+    "BudgetExceededError",
     "CompletionResult",
     "CompletionStream",
     "ConfigError",
@@ -132,6 +136,7 @@ __all__ = [
     "ProviderError",
     "ProviderSettings",
     "ProviderTimeoutError",
+    "QuotaExceededError",
     "RateLimitError",
     "RouterClosedError",
     "ServerError",

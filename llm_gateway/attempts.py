@@ -49,6 +49,7 @@ class RequestLedger:
         "endpoint",
         "hedged",
         "metadata",
+        "on_cost",
         "prices",
         "request_id",
         "session_id",
@@ -86,6 +87,8 @@ class RequestLedger:
         self.attempts: list[Attempt] = []
         # The entries of a hedged race: their rows carry ``metadata.hedge``.
         self.hedged: tuple[ChainEntry, ...] = ()
+        # Governance: told each row's cost (usage id, cost, made with a system key).
+        self.on_cost: Callable[[uuid.UUID, Decimal | None, bool], None] | None = None
 
     def record(
         self,
@@ -158,6 +161,8 @@ class RequestLedger:
                     reasoning_tokens=reasoning_tokens,
                 )
             )
+        if self.on_cost is not None and cost:
+            self.on_cost(usage_id, cost, entry.key_source == "system")
         if error is not None:
             log.info(
                 "attempt failed: tenant=%s provider=%s model=%s key=%s outcome=%s error=%s",

@@ -18,6 +18,7 @@ from usage.pricing import Price
 
 from .config import GroupEntry, TenantConfig
 from .errors import ContextWindowExceededError, InvalidRequestError, UnknownModelError
+from .governance.admission import QuotaPlan
 from .health import HealthRegistry
 from .keys import ApiKey
 from .providers import ProviderSettings
@@ -80,6 +81,7 @@ class TenantRoute:
     members: tuple[tuple[str, str], ...] = ()  # a group's (provider, model) list, in order
     groups: Mapping[str, TenantRoute] = field(default_factory=lambda: _NO_ROUTES)
     models: Mapping[str, TenantRoute] = field(default_factory=lambda: _NO_ROUTES)
+    quota: QuotaPlan | None = None  # budgets and limits (set by the router, per config load)
 
 
 def _per_m(price: PriceLookup, provider: str, model: str) -> tuple[float, float] | None:

@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from .errors import ConfigError, InvalidTenantConfigError, UnknownProviderError
+from .governance.config import Budget, Governance, Rates, SpendLimits
 from .keys import ApiKey
 from .secrets import DecryptError, KeyRing, is_encrypted
 
@@ -106,14 +107,14 @@ ProviderName = Annotated[str, BeforeValidator(_provider_name)]
 ModelName = Annotated[str, AfterValidator(_model_name)]
 
 
-class RateLimits(BaseModel):
-    """A tenant's limits for one provider; ``None`` means the provider's default applies."""
+class RateLimits(Rates):
+    """A tenant's quota at one provider (``rate_limits.<provider>``); ``None``: not set.
+
+    The router enforces them (a provider whose quota is used up leaves the chain) and
+    ``check_rate_limit_status`` reports them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    requests_per_minute: int | None = Field(default=None, gt=0, strict=True)
-    tokens_per_minute: int | None = Field(default=None, gt=0, strict=True)
-    requests_per_day: int | None = Field(default=None, gt=0, strict=True)
 
 
 class GroupEntry(BaseModel):
@@ -242,6 +243,20 @@ class InferenceConfig(BaseModel):
     model_groups: ModelGroups = Field(default_factory=dict)
     # Hedged requests; the tenant's setting wins over the router's ``hedge=``.
     hedge: Annotated[HedgeConfig | None, BeforeValidator(_hedge)] = None
+    # Governance (see llm_gateway.governance): each section replaces the router's default one.
+    budget: Budget | None = None
+    limits: Rates | None = None
+    user_limits: SpendLimits | None = None
+    system_keys: SpendLimits | None = None
+
+    def governance(self) -> Governance:
+        """The tenant's governance sections (``None`` where unset)."""
+        return Governance(
+            budget=self.budget,
+            limits=self.limits,
+            user_limits=self.user_limits,
+            system_keys=self.system_keys,
+        )
 
     @field_validator("preferred_provider", mode="before")
     @classmethod

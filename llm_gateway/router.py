@@ -8,12 +8,14 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
 
 import asyncpg
+from pydantic import ValidationError
 
 from usage import ModelUsageTracker
 from usage.analytics.labels import InvalidLabelError, labels_from
@@ -37,12 +39,18 @@ from .config import GroupEntry, HedgeConfig, TenantConfig, parse_model_groups
 from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
+    ConfigError,
     ContextWindowExceededError,
     GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
     RouterClosedError,
 )
+from .governance.admission import Admission, Governor, OnDbError
+from .governance.alerts import AlertSink, BudgetEventCallback
+from .governance.config import parse_default_limits
+from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
+from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
@@ -137,6 +145,9 @@ class TenantLLMRouter:
         keyring: KeyRing | str | Mapping[str, bytes] | None = None,
         config_notify: bool | None = None,
         hedge: Mapping[str, Any] | HedgeConfig | None = None,
+        default_limits: Mapping[str, Any] | None = None,
+        quota_on_db_error: OnDbError = "open",
+        on_budget_event: BudgetEventCallback | None = None,
     ) -> None:
         # Validated first: a malformed group is the caller's error, before any other setup.
         self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
@@ -186,6 +197,20 @@ class TenantLLMRouter:
             if listen
             else None
         )
+        try:
+            defaults = parse_default_limits(default_limits)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            path = ".".join(str(p) for p in ("default_limits", *first["loc"]))
+            raise ConfigError(f"invalid {path}: {first['msg']}") from None
+        self._gate = QuotaGate(
+            Governor(
+                LeaseClient(self._get_pool),
+                on_db_error=quota_on_db_error,
+                alerts=AlertSink(self._get_pool, on_budget_event),
+            ),
+            defaults,
+        )
         self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
@@ -228,6 +253,11 @@ class TenantLLMRouter:
                         self.dsn, price_book=self._prices, spool_dir=self._spool_dir
                     )
                 await self._tracker.start()
+                governor = self._gate.governor
+                self._tracker.add_settle_listener(
+                    lambda rows: governor.rows_settled([r.id for r in rows])
+                )
+            self._gate.governor.start()
             self._started = True
 
     async def close(self, timeout: float = 30.0) -> None:
@@ -255,6 +285,11 @@ class TenantLLMRouter:
         for stream in list(self._streams):
             stream._abandon()  # its row, before the tracker drains
         await asyncio.gather(*(p.aclose() for p in self._providers.values()))
+        if self._started:
+            if self._tracker is not None:
+                # Rows written first, so the last renewal sees this process's spend.
+                await self._tracker.flush(timeout=min(5.0, timeout))
+            await self._gate.close()  # leases given back, budget alerts sent
         if self._listener is not None:
             await self._listener.close()
         if self._tracker is not None and self._owns_tracker:
@@ -279,12 +314,22 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        return build_route(
+        route = build_route(
             config,
             self._settings,
             self._prices.lookup,
             self.key_fingerprint,
             self._model_groups,
+        )
+        plan = self._gate.plan(config)
+        if plan is None:
+            return route
+        # Every route of the tenant (its groups' and models' too) carries the quota plan.
+        return replace(
+            route,
+            quota=plan,
+            groups={k: replace(r, quota=plan) for k, r in route.groups.items()},
+            models={k: replace(r, quota=plan) for k, r in route.models.items()},
         )
 
     def key_fingerprint(self, key: str | ApiKey) -> str:
@@ -379,6 +424,7 @@ class TenantLLMRouter:
         deadline: float,
         budget: float,
         timer: Any = None,
+        admission: Admission | None = None,
     ) -> R:
         """:func:`run_attempts` over ``chain``; within a model group, a context-length 400
         moves on to the next entries with a larger window (the same request and ledger).
@@ -393,7 +439,7 @@ class TenantLLMRouter:
                     health=self._health,
                     deadline=deadline,
                     budget=budget,
-                    replan=partial(self._order, tid, route, estimated_tokens, deadline, floor),
+                    replan=self._replan(tid, route, estimated_tokens, deadline, floor, admission),
                     timer=timer,
                 )
             except ContextWindowExceededError as exc:
@@ -418,6 +464,31 @@ class TenantLLMRouter:
         self._inflight -= 1
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
+
+    def _replan(
+        self,
+        tid: uuid.UUID,
+        route: TenantRoute,
+        estimated_tokens: int,
+        deadline: float,
+        floor: int | None,
+        admission: Admission | None,
+    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
+        """The chain planned again (after a 429), within what admission allowed."""
+        replan = partial(self._order, tid, route, estimated_tokens, deadline, floor)
+        return replan if admission is None else self._within(admission, replan)
+
+    @staticmethod
+    def _within(
+        admission: Admission, replan: Callable[[], Awaitable[list[ChainEntry]]]
+    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
+        """``replan`` limited to the entries admission allowed (quotas removed the others)."""
+        allowed = set(admission.entries)
+
+        async def replan_within() -> list[ChainEntry]:
+            return [e for e in await replan() if e in allowed]
+
+        return replan_within
 
     def _ledger(
         self,
@@ -446,7 +517,7 @@ class TenantLLMRouter:
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         task_type: TaskType = TaskType.CHAT,
-        estimated_tokens: int = 100,
+        estimated_tokens: int | None = None,
         endpoint: str = "/api/chat",
         user_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -484,12 +555,21 @@ class TenantLLMRouter:
         """
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
+        admission: Admission | None = None
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
+            tokens_in = (
+                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
+            )
+            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
+            if route.quota is not None:
+                admission = await self._gate.admit(
+                    route.quota, tid, user_id, chain, tokens_in, params, ledger
+                )
+                chain = admission.entries
             call = CompletionCall(
                 self._providers,
                 messages,
@@ -500,10 +580,25 @@ class TenantLLMRouter:
                 cap=self.attempt_timeout,
                 hedge=route.config.inference.hedge or self.hedge,
             )
-            return await self._attempt(
-                call, chain, tid, route, ledger, estimated_tokens, deadline, budget, timer=call
+            result = await self._attempt(
+                call,
+                chain,
+                tid,
+                route,
+                ledger,
+                tokens_in,
+                deadline,
+                budget,
+                timer=call,
+                admission=admission,
             )
+            if admission is not None:
+                self._gate.release(
+                    admission, (result.tokens_input or 0) + (result.tokens_output or 0)
+                )
+            return result
         finally:
+            self._gate.release(admission, None)  # no-op once released
             self._leave()
 
     async def stream_for_tenant(
@@ -511,7 +606,7 @@ class TenantLLMRouter:
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         task_type: TaskType = TaskType.CHAT,
-        estimated_tokens: int = 100,
+        estimated_tokens: int | None = None,
         endpoint: str = "/api/chat",
         user_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -530,12 +625,27 @@ class TenantLLMRouter:
         """
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
+        admission: Admission | None = None
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tid, route, chain = await self._plan(tenant_id, estimated_tokens, deadline, model)
+            tokens_in = (
+                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
+            )
+            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
             ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
+            if route.quota is not None:
+                admission = await self._gate.admit(
+                    route.quota, tid, user_id, chain, tokens_in, params, ledger
+                )
+                chain = admission.entries
+            gate, held = self._gate, admission
+
+            def done() -> None:
+                gate.release(held, None)
+                self._leave()
+
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
@@ -545,18 +655,39 @@ class TenantLLMRouter:
                 started=started,
                 ttft_timeout=self.ttft_timeout,
                 chunk_timeout=self.chunk_timeout,
-                on_done=self._leave,
+                on_done=done,
             )
             await self._attempt(
-                stream, chain, tid, route, ledger, estimated_tokens, deadline, budget
+                stream,
+                chain,
+                tid,
+                route,
+                ledger,
+                tokens_in,
+                deadline,
+                budget,
+                admission=admission,
             )
         except BaseException:
+            self._gate.release(admission, None)
             self._leave()
             raise
         self._streams.add(stream)
         return stream
 
     # --- introspection ---------------------------------------------------------------------
+
+    async def quota_status(
+        self, tenant_id: uuid.UUID | str, user_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """One dict per configured budget or limit of the tenant (and of ``user_id``): ``scope``,
+        ``limit``, ``allowed``, ``used``, ``reserved``, ``remaining``, ``resets_at`` -- the
+        numbers admission acts on, fresh from PostgreSQL."""
+        if not self._started:
+            await self.start()
+        tid = as_tenant_id(tenant_id)
+        route = await self._store.get(tid)
+        return await self._gate.status(route.quota, tid, user_id)
 
     def health(self) -> list[dict[str, Any]]:
         """Health of every provider key used so far (fingerprints only, never keys).
@@ -574,14 +705,26 @@ class TenantLLMRouter:
         return {"providers": self.health(), "config_listener": listener}
 
     async def explain(
-        self, tenant_id: uuid.UUID | str, estimated_tokens: int = 100, model: str | None = None
+        self,
+        tenant_id: uuid.UUID | str,
+        estimated_tokens: int | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """The chain a request would use now, with each entry's score and every exclusion;
         ``model`` as for :meth:`complete_for_tenant`."""
         if not self._started:
             await self.start()
         route = route_for(await self._store.get(as_tenant_id(tenant_id)), model)
-        return explain_route(route, self._health, estimated_tokens, self._health.clock())
+        tokens = 100 if estimated_tokens is None else estimated_tokens
+        explained = explain_route(route, self._health, tokens, self._health.clock())
+        if route.quota is not None:
+            quota = self._gate.governor.steering(
+                route.quota, route.entries, tokens, DEFAULT_MAX_TOKENS
+            )
+            if quota:
+                explained["chain"] = [c for c in explained["chain"] if c["provider"] not in quota]
+                explained["excluded"] = {**explained["excluded"], **quota}
+        return explained
 
     async def list_models(self, tenant_id: uuid.UUID | str) -> dict[str, Any]:
         """Every provider and model the tenant can be served by now, and why others cannot.

@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -81,6 +82,7 @@ class UsagePipeline:
         self._maintenance: asyncio.Task[None] | None = None
         self._spool: Spool | None = None
         self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._listeners: list[Callable[[Sequence[UsageRecord]], None]] = []
 
         self._settled = 0  # live rows that left memory: written, spooled or rejected
         self._written = 0
@@ -132,6 +134,19 @@ class UsagePipeline:
 
     def _in_memory(self) -> int:
         return len(self._inflight) + len(self._queue)
+
+    def add_settle_listener(self, listener: Callable[[Sequence[UsageRecord]], None]) -> None:
+        """Call ``listener(rows)`` each time live rows leave memory: written to PostgreSQL,
+        spooled (counted when replayed) or rejected. Runs in the writer task: keep it cheap;
+        its errors are logged, never raised."""
+        self._listeners.append(listener)
+
+    def _left_memory(self, rows: Sequence[UsageRecord]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(rows)
+            except Exception:
+                log.exception("usage settle listener failed")
 
     def _settle(self, n: int) -> None:
         self._settled += n
@@ -244,6 +259,7 @@ class UsagePipeline:
                 inserted = await self._link.write(rows, idempotent=self._attempts > 0)
                 self._inflight = []
                 self._confirmed(len(rows), inserted, live=True)
+                self._left_memory(rows)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -305,8 +321,11 @@ class UsagePipeline:
                 log.error("PostgreSQL refused usage row %s: %s", getattr(part[0], "id", "?"), error)
                 if live:
                     self._settle(1)
+                    self._left_memory(part)
             else:
                 self._confirmed(len(part), inserted, live=live)
+                if live:
+                    self._left_memory(part)
 
     # --- spool ---------------------------------------------------------------------------
 
@@ -325,6 +344,7 @@ class UsagePipeline:
         self._spooled += len(rows)
         self._replay_due = True
         self._settle(len(rows))
+        self._left_memory(rows)
         return True
 
     async def _spool_inflight(self, *, wait_on_error: bool = True) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol
 import asyncpg
 
 from .alerts import AlertSink
+from .config import Governance
 from .errors import BudgetExceededError, QuotaExceededError
 from .leases import LeaseClient
 from .ledger import Lease, Take
@@ -34,7 +35,8 @@ OnDbError = Literal["open", "closed"]
 IDLE_AFTER = 3.0  # seconds without a request before a lease is given back
 # After a renewal that could not grant what was asked, requests short of that lease are refused
 # without asking again for this long: refusals do not cost a statement each.
-SHORT_BACKOFF = 0.25
+SHORT_BACKOFF = 0.02
+RENEW_ROUNDS = 16  # renewals one request may wait on before it is refused
 
 
 class Entry(Protocol):
@@ -57,6 +59,7 @@ class QuotaPlan:
     providers: dict[str, tuple[LimitSpec, ...]] = field(default_factory=dict)
     allow_unpriced: bool = False
     on_exhausted: Literal["refuse", "cheapest"] = "refuse"
+    governance: Governance | None = None  # the merged sections (user_limits are per user)
 
     @property
     def empty(self) -> bool:
@@ -111,6 +114,8 @@ class Governor:
         self.wall = wall
         self._leases: dict[str, Lease] = {}
         self._renewing: asyncio.Task[None] | None = None
+        self._renewals_started = 0  # each takes the needs noted before it started
+        self._renewals_ended = 0
         self._wanted: dict[str, float] = {}  # lease key -> amount needed now
         self._db_down_until = 0.0
         self._pending: dict[uuid.UUID, list[tuple[Lease, float]]] = {}
@@ -129,20 +134,30 @@ class Governor:
         return lease
 
     async def _renew(self, needs: dict[str, float]) -> None:
-        """Renew the leases in ``needs`` (key -> amount wanted now), sharing a running renewal."""
+        """Renew the leases in ``needs`` (key -> amount this request needs), sharing renewals.
+
+        Needs of concurrent requests add up, so one renewal can admit them all.
+        """
         for key, amount in needs.items():
-            self._wanted[key] = max(self._wanted.get(key, 0.0), amount)
-        running = self._renewing
-        if running is not None:
+            self._wanted[key] = self._wanted.get(key, 0.0) + amount
+        # The next renewal to start takes these needs; wait until it has ended. (A renewal in
+        # flight started without them; and returning when a *later* one took them, before it
+        # answered, would refuse a request that its answer admits.)
+        ticket = self._renewals_started + 1
+        while self._renewals_ended < ticket:
+            running = self._renewing
+            if running is None or running.done():  # done: its callback has not run yet
+                running = self._start_renewal()
             await asyncio.shield(running)
             if all(self._leases[k].room() >= a for k, a in needs.items() if k in self._leases):
                 return
-        running = self._renewing
-        if running is None:
-            running = asyncio.get_running_loop().create_task(self._renew_now())
-            self._renewing = running
-            running.add_done_callback(self._renewed)
-        await asyncio.shield(running)
+
+    def _start_renewal(self, release: Iterable[str] = ()) -> asyncio.Task[None]:
+        """The one renewal in flight (requests and the background loop share it)."""
+        running = asyncio.get_running_loop().create_task(self._renew_now(release))
+        self._renewing = running
+        running.add_done_callback(self._renewed)
+        return running
 
     def _renewed(self, task: asyncio.Task[None]) -> None:
         if self._renewing is task:
@@ -151,10 +166,17 @@ class Governor:
             log.warning("quota lease renewal failed: %r", task.exception())
 
     async def _renew_now(self, release: Iterable[str] = ()) -> None:
+        self._renewals_started += 1
+        try:
+            await self._renew_wanted(release)
+        finally:
+            self._renewals_ended += 1
+
+    async def _renew_wanted(self, release: Iterable[str]) -> None:
         wanted, self._wanted = self._wanted, {}
         at = datetime.fromtimestamp(self.wall(), UTC)
         now = self.clock()
-        snapshots: dict[str, tuple[Lease, Any, float]] = {}
+        snapshots: dict[str, tuple[Lease, Any]] = {}
         requests = []
         released = set(release)
         for key, lease in list(self._leases.items()):
@@ -170,7 +192,7 @@ class Governor:
                     lease.reserved + lease.pending if lease.spec.kind == "budget" else 0
                 )
             requests.append(request)
-            snapshots[request["key"]] = (lease, snapshot, float(request["want"]))
+            snapshots[request["key"]] = (lease, snapshot)
             lease.renewed_at = now
         if not requests or now < self._db_down_until:
             return
@@ -184,12 +206,45 @@ class Governor:
             )
             return
         done = self.clock()
-        for key, (lease, snapshot, want) in snapshots.items():
+        for key, (lease, snapshot) in snapshots.items():
             answer = answers.get(key)
             if answer is not None:
-                lease.apply(answer, snapshot, want, done)
+                lease.apply(answer, snapshot, done)
                 if lease.spec.alert_at:
                     self._check_alerts(lease, lease.committed)
+
+    async def refresh(self, leases: Iterable[Lease]) -> None:
+        """Renew ``leases`` now (for reporting): what they hold is asked for again."""
+        await self._renew({lease.spec.key: 0.0 for lease in leases})
+
+    def steering(
+        self, plan: QuotaPlan, entries: Sequence[Entry], tokens_in: int, tokens_out: int
+    ) -> dict[str, str]:
+        """Providers a quota would remove from ``entries`` now, with why (for ``explain``;
+        from what this process holds, no I/O, nothing taken)."""
+        at = datetime.fromtimestamp(self.wall(), UTC)
+        tokens = float(tokens_in + tokens_out)
+        excluded: dict[str, str] = {}
+        for provider, specs in plan.providers.items():
+            if any(e.provider == provider for e in entries):
+                short = self._short(specs, tokens, at, {})
+                if short is not None:
+                    excluded[provider] = f"provider quota: {short.limit} reached"
+        system_entries = [e for e in entries if e.key_source == "system"]
+        if plan.system and system_entries:
+            worst = self._worst(system_entries, tokens_in, tokens_out)
+            short = self._short(plan.system, tokens, at, {}, worst)
+            if short is not None:
+                for e in system_entries:
+                    excluded.setdefault(e.provider, f"system key quota: {short.limit} reached")
+        return excluded
+
+    def rate_resets_at(self, lease: Lease, at: datetime) -> datetime:
+        """When the oldest use in a rate window leaves it (``at`` if none is known)."""
+        spec = lease.spec
+        if lease.oldest is None:
+            return at
+        return datetime.fromtimestamp(lease.oldest + spec.window_s + spec.bucket_s, UTC)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -207,14 +262,20 @@ class Governor:
         (provider quotas and the system-key quota remove entries; a spent budget leaves only
         free models, or the cheapest that fit with ``on_exhausted: "cheapest"``).
         """
-        result = self._try_admit(plan, user_specs, entries, tokens_in, tokens_out, final=False)
-        if isinstance(result, Admission):
-            return result
-        now = self.clock()
-        needs = {
-            k: a for k, a in result[1].items() if now - self._leases[k].short_at >= SHORT_BACKOFF
-        }
-        if needs and now >= self._db_down_until:
+        for _ in range(RENEW_ROUNDS):
+            result = self._try_admit(plan, user_specs, entries, tokens_in, tokens_out, final=False)
+            if isinstance(result, Admission):
+                return result
+            now = self.clock()
+            # Again after a renewal: while this request waited, others may have taken the room
+            # of a lease that had enough before (a few rounds, then it is refused).
+            needs = {
+                k: a
+                for k, a in result[1].items()
+                if now - self._leases[k].short_at >= SHORT_BACKOFF
+            }
+            if not needs or now < self._db_down_until:
+                break
             await self._renew(needs)
         db_down = self.clock() < self._db_down_until
         result = self._try_admit(plan, user_specs, entries, tokens_in, tokens_out, final=True)
@@ -303,30 +364,44 @@ class Governor:
         at: datetime,
         excluded: dict[str, str],
     ) -> Admission:
-        """Everything fits: take the request's share from every lease."""
+        """Everything fits: take the request's share from every lease.
+
+        The hot path of every admitted request: one pass over the limits, no intermediate lists.
+        """
         epoch = self.wall()
         now = self.clock()
+        weight = 0.2 / self.renew_interval
+        leases = self._leases
         system_entries = [e for e in allowed if e.key_source == "system"]
-        system_cost = self._worst(system_entries, tokens_in, tokens_out)
-        wanted: list[tuple[LimitSpec, float]] = [(s, self._amount(s, tokens, cost)) for s in whole]
+        takes: list[Take] = []
+        charges: list[Lease] = []
+        system_charges: list[Lease] = []
+        groups: list[tuple[Sequence[LimitSpec], float, list[Lease] | None]] = [
+            (whole, cost, charges)
+        ]
         if system_entries:
-            wanted += [(s, self._amount(s, tokens, system_cost)) for s in plan.system]
-        for provider in {e.provider for e in allowed} & plan.providers.keys():
-            wanted += [(s, self._amount(s, tokens, 0.0)) for s in plan.providers[provider]]
-        takes = []
-        for spec, amount in wanted:
-            lease = self.lease(spec, at)
-            lease.take(amount, epoch)
-            lease.last_used = now
-            lease.demand = 0.8 * lease.demand + 0.2 * amount / self.renew_interval
-            takes.append(Take(lease, amount, epoch))
-        return Admission(
-            allowed,
-            takes,
-            [self.lease(s, at) for s in whole if s.kind == "budget"],
-            [self.lease(s, at) for s in plan.system if s.kind == "budget"],
-            excluded,
-        )
+            system_cost = self._worst(system_entries, tokens_in, tokens_out)
+            groups.append((plan.system, system_cost, system_charges))
+        else:
+            system_charges = [self.lease(s, at) for s in plan.system if s.kind == "budget"]
+        if plan.providers:
+            for provider in {e.provider for e in allowed} & plan.providers.keys():
+                groups.append((plan.providers[provider], 0.0, None))
+        for specs, budget_cost, charged in groups:
+            for spec in specs:
+                if spec.kind == "budget":
+                    amount = budget_cost
+                    lease = self.lease(spec, at)
+                    if charged is not None:
+                        charged.append(lease)
+                else:
+                    amount = tokens if spec.limit == "tokens_per_minute" else 1.0
+                    lease = leases.get(spec.key) or self.lease(spec, at)
+                lease.take(amount, epoch)
+                lease.last_used = now
+                lease.demand = 0.8 * lease.demand + weight * amount
+                takes.append(Take(lease, amount, epoch))
+        return Admission(allowed, takes, charges, system_charges, excluded)
 
     def _amount(self, spec: LimitSpec, tokens: float, cost: float) -> float:
         if spec.kind == "budget":
@@ -343,12 +418,24 @@ class Governor:
     ) -> LimitSpec | None:
         """The first spec without room for the request (noting what it needs), or ``None``."""
         first = None
+        leases = self._leases
         for spec in specs:
-            amount = self._amount(spec, tokens, budget_cost)
-            if amount <= 0.0:
-                continue  # a free model spends nothing: budgets do not govern it
-            lease = self.lease(spec, at)
-            if lease.room() + 1e-12 < amount:
+            # The hot path: _amount, lease() and room() inlined (this runs per limit per request).
+            if spec.kind == "budget":
+                amount = budget_cost
+                if amount <= 0.0:
+                    continue  # a free model spends nothing: budgets do not govern it
+                lease = leases.get(spec.key)
+                if lease is None or lease.bounds is None or at >= lease.bounds.end:
+                    lease = self.lease(spec, at)
+                room = lease.held - lease.reserved - lease.pending
+            else:
+                amount = tokens if spec.limit == "tokens_per_minute" else 1.0
+                if amount <= 0.0:
+                    continue
+                lease = leases.get(spec.key) or self.lease(spec, at)
+                room = lease.held - lease.unreported
+            if room + 1e-12 < amount:
                 needs[spec.key] = amount
                 first = first or spec
         return first
@@ -406,7 +493,8 @@ class Governor:
         at = datetime.fromtimestamp(self.wall(), UTC)
         lease = self.lease(spec, at)
         if spec.kind == "budget" and spec.alert_at:
-            self._check_alerts(lease, lease.committed, refused=True)
+            spent = lease.committed + lease.written + lease.pending
+            self._check_alerts(lease, spent, refused=True)
         if spec.kind == "budget":
             bounds = lease.bounds or spec.bounds(at)
             retry_after = max(0.0, (bounds.end - at).total_seconds())
@@ -470,6 +558,10 @@ class Governor:
                     # The spend is now in the counters: it leaves the lease for good.
                     lease.pending = max(0.0, lease.pending - cost)
                     lease.held = max(0.0, lease.held - cost)
+                    lease.written += cost
+                    lease.settled += cost
+                    if lease.spec.alert_at:
+                        self._check_alerts(lease, lease.committed + lease.written)
 
     # --- background ----------------------------------------------------------------------------
 
@@ -490,7 +582,7 @@ class Governor:
             ]
             if self._renewing is None:
                 with contextlib.suppress(Exception):
-                    await self._renew_now(release=idle)
+                    await asyncio.shield(self._start_renewal(release=idle))
 
     async def close(self) -> None:
         """Stop renewing and give every lease back (best effort)."""

@@ -12,12 +12,18 @@ from datetime import date
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .periods import Period
 
 __all__ = ["Budget", "Governance", "Rates", "Spend", "SpendLimits", "parse_default_limits"]
 
 _Count = int | None
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    # A custom error type: the message reads as written, without pydantic's "Value error,".
+    return PydanticCustomError("governance", "{reason}", {"reason": message})
 
 
 class Rates(BaseModel):
@@ -56,7 +62,7 @@ class Spend(BaseModel):
     def _number(cls, value: object) -> object:
         # JSON true/false or "5" are mistakes, not amounts.
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ValueError(f"must be a number of US dollars, got {type(value).__name__}")
+            raise _invalid(f"must be a number of US dollars, got {type(value).__name__}")
         return value
 
 
@@ -75,16 +81,16 @@ class Budget(Spend):
     @classmethod
     def _fractions(cls, value: object) -> object:
         if not isinstance(value, list | tuple):
-            raise ValueError("must be a list of fractions such as [0.5, 0.8, 1.0]")
+            raise _invalid("must be a list of fractions such as [0.5, 0.8, 1.0]")
         for v in value:
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
-                raise ValueError(f"each threshold must be a number in (0, 1], got {v!r}")
+                raise _invalid(f"each threshold must be a number in (0, 1], got {v!r}")
         return tuple(sorted(set(value)))
 
     @model_validator(mode="after")
     def _needs_cap(self) -> Budget:
         if self.max_usd is None:
-            raise ValueError("a budget needs max_usd")
+            raise _invalid("a budget needs max_usd")
         return self
 
 

@@ -46,6 +46,9 @@ class Lease:
     known: bool = False  # at least one renewal answered
     short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
     alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
+    written: float = 0.0  # budgets: own spend written since the last renewal (for alerts)
+    needed: float = 0.0  # what the last renewal asked for beyond the optional slice
+    settled: float = 0.0  # budgets: all spend moved from pending to written, ever
 
     def room(self) -> float:
         """What this process may still admit from its lease."""
@@ -82,9 +85,12 @@ class Lease:
         from recent demand, capped so idle slices of all processes stay a small share.
         """
         spec = self.spec
+        # Beyond what it needs now, a process holds at most its share of IDLE_SHARE: idle
+        # slices of all processes together never strand more than that of the allowance.
         cap = IDLE_SHARE * spec.allowed / (self.holders + 1)
-        slice_ = min(max(self.demand * 2.0, need), max(cap, need))
+        slice_ = min(self.demand * 2.0, cap)
         if spec.kind == "rate":
+            slice_ = float(int(slice_))  # whole slots: fractions of one would strand it
             uses = [[b * spec.bucket_s, n] for b, n in self.uses.items() if n]
             keep = max(0.0, self.held - self.unreported)
             request = {
@@ -93,24 +99,26 @@ class Lease:
                 "limit": spec.allowed,
                 "window_s": spec.window_s,
                 "bucket_s": spec.bucket_s,
-                "want": keep + need + slice_ if need or self.demand else keep,
+                "want": keep + need + slice_,
                 "uses": uses,
             }
+            self.needed = keep + need
             return request, (dict(self.uses), self.unreported)
         bounds = self.bounds if self.bounds is not None else spec.bounds(at)
-        want = self.reserved + self.pending + (need + slice_ if need or self.demand else 0.0)
-        return budget_request(spec, bounds, want), bounds
+        want = self.reserved + self.pending + need + slice_
+        self.needed = want - slice_
+        return budget_request(spec, bounds, want), (bounds, self.settled)
 
-    def apply(self, answer: dict[str, Any], snapshot: Any, want: float, now: float) -> None:
+    def apply(self, answer: dict[str, Any], snapshot: Any, now: float) -> None:
         """Take in the renewal's answer; what was used meanwhile stays to be reported."""
         self.held = float(answer["granted"])
-        if self.held + 1e-12 < want:
-            self.short_at = now
+        needed = self.needed
         self.committed = float(answer["committed"])
         self.others = float(answer["others"])
         self.holders = int(answer.get("holders") or 0)
         self.oldest = answer.get("oldest")
         self.known = True
+        self.written = 0.0
         if self.spec.kind == "rate":
             sent, sent_total = snapshot
             for bucket, n in sent.items():
@@ -121,7 +129,14 @@ class Lease:
                     self.uses[bucket] = left
             self.unreported -= sent_total
         else:
-            self.bounds = snapshot
+            # Spend written during the round trip was asked for as pending, and may also be
+            # in the answer's committed: it leaves the lease (the safe side).
+            self.bounds, settled = snapshot
+            self.held = max(0.0, self.held - (self.settled - settled))
+            # That spend was in what was needed too: it is no shortage of the grant.
+            needed -= self.settled - settled
+        if self.held + 1e-12 < needed:
+            self.short_at = now  # not even what was needed: the limit is reached
 
 
 @dataclass(slots=True)
