@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,8 @@ IDLE_AFTER = 3.0  # seconds without a request before a lease is given back
 # After a renewal that could not grant what was asked, requests short of that lease are refused
 # without asking again for this long: refusals do not cost a statement each.
 SHORT_BACKOFF = 0.02
+# Shorter gaps between renewals count as this long when estimating a lease's demand.
+MIN_ELAPSED = 0.05
 RENEW_ROUNDS = 16  # renewals one request may wait on before it is refused
 
 
@@ -186,6 +189,13 @@ class Governor:
             )
             if not (key in wanted or busy or key in released):
                 continue
+            elapsed = now - lease.renewed_at
+            if elapsed < math.inf:
+                # Demand per renew interval, from what was taken since the last renewal: a
+                # lease that runs dry after a few milliseconds is sized for the real rate.
+                rate = lease.taken / max(elapsed, MIN_ELAPSED)
+                lease.demand = 0.5 * lease.demand + 0.5 * rate * self.renew_interval
+            lease.taken = 0.0
             request, snapshot = lease.renewal(wanted.get(key, 0.0), at)
             if key in released:
                 request["want"] = (
@@ -370,7 +380,6 @@ class Governor:
         """
         epoch = self.wall()
         now = self.clock()
-        weight = 0.2 / self.renew_interval
         leases = self._leases
         system_entries = [e for e in allowed if e.key_source == "system"]
         takes: list[Take] = []
@@ -399,7 +408,7 @@ class Governor:
                     lease = leases.get(spec.key) or self.lease(spec, at)
                 lease.take(amount, epoch)
                 lease.last_used = now
-                lease.demand = 0.8 * lease.demand + weight * amount
+                lease.taken += amount
                 takes.append(Take(lease, amount, epoch))
         return Admission(allowed, takes, charges, system_charges, excluded)
 

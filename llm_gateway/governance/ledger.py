@@ -41,7 +41,8 @@ class Lease:
     oldest: float | None = None  # rates: epoch of the oldest use in the window
     renewed_at: float = -math.inf  # monotonic
     last_used: float = -math.inf  # monotonic
-    demand: float = 0.0  # EWMA of the amount taken per second, to size the next lease
+    demand: float = 0.0  # EWMA of the amount taken per renew interval, to size the next lease
+    taken: float = 0.0  # amount taken since the last renewal (for ``demand``)
     bounds: PeriodBounds | None = None  # budgets: the period the lease belongs to
     known: bool = False  # at least one renewal answered
     short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
