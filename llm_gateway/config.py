@@ -225,7 +225,8 @@ class InferenceConfig(BaseModel):
     break an older one. Provider names are normalised.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # protected_namespaces: pydantic < 2.10 warns about the field "model_groups" otherwise.
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
 
     preferred_provider: str | None = None
     auto_failover: StrictBool = True
@@ -312,7 +313,7 @@ class InvalidModelGroupsError(ConfigError, ValueError):
 
 
 class _RouterGroups(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     model_groups: ModelGroups
 
