@@ -465,6 +465,34 @@ class TenantLLMRouter:
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 
+    async def _begin(
+        self,
+        tenant_id: uuid.UUID | str,
+        messages: Sequence[Mapping[str, Any]],
+        estimated_tokens: int | None,
+        deadline: float,
+        model: str | None,
+        params: Mapping[str, Any],
+        row: tuple[
+            str, str | None, TaskType, Mapping[str, Any] | None, tuple[str | None, list[str] | None]
+        ],
+    ) -> tuple[int, uuid.UUID, TenantRoute, list[ChainEntry], RequestLedger, Admission | None]:
+        """Plan a request and admit it: its input-token estimate, tenant id, route, chain (what
+        admission allowed), ledger and admission (``None`` without quotas). ``row``: the
+        ledger's endpoint, user, task type, metadata and labels."""
+        tokens_in = (
+            estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
+        )
+        tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
+        endpoint, user_id, task_type, metadata, labels = row
+        ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
+        if route.quota is None:
+            return tokens_in, tid, route, chain, ledger, None
+        admission = await self._gate.admit(
+            route.quota, tid, user_id, chain, tokens_in, params, ledger
+        )
+        return tokens_in, tid, route, admission.entries, ledger, admission
+
     def _replan(
         self,
         tid: uuid.UUID,
@@ -560,16 +588,10 @@ class TenantLLMRouter:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tokens_in = (
-                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
-            )
-            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
-            if route.quota is not None:
-                admission = await self._gate.admit(
-                    route.quota, tid, user_id, chain, tokens_in, params, ledger
-                )
-                chain = admission.entries
+            tokens_in, tid, route, chain, ledger, admission = await self._begin(
+                tenant_id, messages, estimated_tokens, deadline, model, params,
+                (endpoint, user_id, task_type, metadata, labels),
+            )  # fmt: skip
             call = CompletionCall(
                 self._providers,
                 messages,
@@ -630,16 +652,10 @@ class TenantLLMRouter:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
-            tokens_in = (
-                estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
-            )
-            tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
-            ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
-            if route.quota is not None:
-                admission = await self._gate.admit(
-                    route.quota, tid, user_id, chain, tokens_in, params, ledger
-                )
-                chain = admission.entries
+            tokens_in, tid, route, chain, ledger, admission = await self._begin(
+                tenant_id, messages, estimated_tokens, deadline, model, params,
+                (endpoint, user_id, task_type, metadata, labels),
+            )  # fmt: skip
             gate, held = self._gate, admission
 
             def done() -> None:
