@@ -496,6 +496,10 @@ class Governor:
                     spent_usd=spent,
                     max_usd=spec.allowed,
                 )
+        lease.alert_floor = min(
+            (t * spec.allowed for t in spec.alert_at if t not in lease.alerted),
+            default=float("inf"),
+        )
 
     def _refusal(self, spec: LimitSpec, detail: str) -> QuotaExceededError:
         self.refusals += 1
@@ -570,7 +574,9 @@ class Governor:
                     lease.written += cost
                     lease.settled += cost
                     if lease.spec.alert_at:
-                        self._check_alerts(lease, lease.committed + lease.written)
+                        spent = lease.committed + lease.written
+                        if spent >= lease.alert_floor:
+                            self._check_alerts(lease, spent)
 
     # --- background ----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from .limits import LimitSpec, budget_request
 from .periods import PeriodBounds
@@ -47,6 +47,7 @@ class Lease:
     known: bool = False  # at least one renewal answered
     short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
     alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
+    alert_floor: float = 0.0  # spend below which no threshold is left to fire (0: unknown)
     written: float = 0.0  # budgets: own spend written since the last renewal (for alerts)
     needed: float = 0.0  # what the last renewal asked for beyond the optional slice
     settled: float = 0.0  # budgets: all spend moved from pending to written, ever
@@ -140,9 +141,10 @@ class Lease:
             self.short_at = now  # not even what was needed: the limit is reached
 
 
-@dataclass(slots=True)
-class Take:
-    """What one admitted request took from one lease, to settle or give back."""
+class Take(NamedTuple):
+    """What one admitted request took from one lease, to settle or give back.
+
+    A tuple: one is made per limit of every admitted request (cheaper than a dataclass)."""
 
     lease: Lease
     amount: float
