@@ -113,8 +113,12 @@ def build_route(
     price: PriceLookup,
     fingerprint: Callable[[ApiKey], str],
     model_groups: Mapping[str, Sequence[GroupEntry]] = MappingProxyType({}),
+    quota: QuotaPlan | None = None,
 ) -> TenantRoute:
     """Candidate entries for a tenant: its own key first, else the system key.
+
+    ``quota`` (the tenant's budgets and limits) is carried by every route built here, so a
+    group's or a concrete model's request is governed like the usual chain.
 
     ``fingerprint`` is the deployment's keyed fingerprint (:class:`~.keys.Fingerprinter`).
     ``model_groups`` are the router's groups; the tenant's own group of a name wins. The
@@ -144,6 +148,7 @@ def build_route(
             group=name,
             source="tenant" if name in own else "router",
             members=tuple((m.provider, m.model) for m in members),
+            quota=quota,
         )
     # Every model a provider serves (its known models, its default, the tenant's pick); a
     # provider the tenant cannot use stays in that model's ``excluded``, with the reason.
@@ -165,11 +170,12 @@ def build_route(
             tuple(sorted(entries, key=lambda e: place[e.provider])),
             MappingProxyType(refused.get(model, {})),
             base.pinned & {e.provider for e in entries},
+            quota=quota,
         )
         for model, entries in serving.items()
     }
     return dataclasses.replace(
-        base, groups=MappingProxyType(groups), models=MappingProxyType(models)
+        base, groups=MappingProxyType(groups), models=MappingProxyType(models), quota=quota
     )
 
 

@@ -9,7 +9,6 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
 from functools import partial
 from types import TracebackType
 from typing import Any, TypeVar
@@ -255,7 +254,7 @@ class TenantLLMRouter:
                 await self._tracker.start()
                 governor = self._gate.governor
                 self._tracker.add_settle_listener(
-                    lambda rows: governor.rows_settled([r.id for r in rows])
+                    lambda rows: governor.rows_settled(r.id for r in rows)
                 )
             self._gate.governor.start()
             self._started = True
@@ -314,22 +313,13 @@ class TenantLLMRouter:
         return self._pool
 
     def _build_route(self, config: TenantConfig) -> TenantRoute:
-        route = build_route(
+        return build_route(
             config,
             self._settings,
             self._prices.lookup,
             self.key_fingerprint,
             self._model_groups,
-        )
-        plan = self._gate.plan(config)
-        if plan is None:
-            return route
-        # Every route of the tenant (its groups' and models' too) carries the quota plan.
-        return replace(
-            route,
-            quota=plan,
-            groups={k: replace(r, quota=plan) for k, r in route.groups.items()},
-            models={k: replace(r, quota=plan) for k, r in route.models.items()},
+            self._gate.plan(config),
         )
 
     def key_fingerprint(self, key: str | ApiKey) -> str:

@@ -20,33 +20,19 @@ import pytest
 from llm_gateway import TenantLLMRouter, provider_settings
 from llm_gateway.governance.errors import BudgetExceededError, QuotaExceededError
 from llm_gateway.simulator import SimulatedProvider
-from tests.conftest import make_tenant
 from tests.tcp_proxy import TcpProxy
+
+# The priced tenant of the four-process tests: one definition.
+from tests.test_governance_router_processes import WORST, _tenant
 
 ROOT = Path(__file__).resolve().parents[1]
 MSG = [{"role": "user", "content": "hello there"}]
-PRICEY = "pricey-model"  # $1,000 per million tokens in and out
-# A request's reservation: about 7 input tokens (no estimated_tokens) + max_tokens=20.
-WORST = (len("hello there") // 4 + 4 + 1 + 20) * 1000 / 1e6
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[SimulatedProvider]:
     async with SimulatedProvider(name="l") as provider:
         yield provider
-
-
-async def _tenant(pg: asyncpg.Connection, **config: Any) -> uuid.UUID:
-    await pg.execute(
-        "INSERT INTO model_prices (provider, model, input_per_m, output_per_m, effective_from)"
-        " VALUES ('llm7', $1, 1000, 1000, '2000-01-01') ON CONFLICT DO NOTHING",
-        PRICEY,
-    )
-    return await make_tenant(
-        pg,
-        inference_config={"preferred_provider": "llm7", "preferred_models": {"llm7": PRICEY}}
-        | config,
-    )
 
 
 def _router(dsn: str, sim: SimulatedProvider, **options: Any) -> TenantLLMRouter:

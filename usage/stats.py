@@ -303,16 +303,10 @@ def _entry_for(tenant_id: uuid.UUID, provider: str, raw: str | None) -> tuple[st
     return found[0] if found else None
 
 
-def _configured(tenant_id: uuid.UUID, provider: str, raw: str | None, key: str) -> bool:
-    from llm_gateway.config import parse_rate_limits
-
-    conf = parse_rate_limits(tenant_id, raw).get(provider)
-    return conf is not None and getattr(conf, key) is not None
-
-
 def _parse_limits(
     tenant_id: uuid.UUID, provider: str, raw: str | None
-) -> tuple[RateLimits, Literal["tenant", "default", "mixed"]]:
+) -> tuple[RateLimits, Literal["tenant", "default", "mixed"], frozenset[str]]:
+    """The limits in force, where they come from, and which the tenant set itself."""
     # The one validation of rate_limits, the router's (imported here: see _provider_id).
     from llm_gateway.config import parse_rate_limits
 
@@ -324,7 +318,7 @@ def _parse_limits(
     source: Literal["tenant", "default", "mixed"] = (
         "tenant" if len(given) == len(_LIMIT_KEYS) else "mixed" if given else "default"
     )
-    return RateLimits(**values), source
+    return RateLimits(**values), source, frozenset(given)
 
 
 def _percent(used: int, limit: int | None) -> float:
@@ -352,11 +346,11 @@ async def check_rate_limit_status(
     async with pool.acquire() as conn:
         found: Any = await conn.fetchrow(_RATE_SQL, tid, provider)
         row = dict(found)
-        limits, source = _parse_limits(tid, provider, row["limits"])
-        if source != "default" and await conn.fetchval("SELECT to_regclass('quota_uses')"):
+        limits, source, configured = _parse_limits(tid, provider, row["limits"])
+        if configured and await conn.fetchval("SELECT to_regclass('quota_uses')"):
             # A quota the tenant set is enforced by the router: report the numbers it acts on.
             for key, column in zip(_LIMIT_KEYS, ("req_min", "tok_min", "req_day"), strict=True):
-                if source == "tenant" or _configured(tid, provider, row["limits"], key):
+                if key in configured:
                     held = await conn.fetchval(
                         _GOVERNED_SQL, f"t:{tid}:p:{provider}:{key}", _WINDOWS[key]
                     )
