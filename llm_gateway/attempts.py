@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from usage import ModelUsageTracker, new_usage_id
 from usage.pricing import PriceBook
@@ -31,6 +31,9 @@ from .health import HealthRegistry, KeyHealth
 from .hedging import AttemptTimer, Outcome, attempt, race
 from .providers import Provider, ProviderResponse
 from .types import Attempt, CompletionResult, TaskType
+
+if TYPE_CHECKING:
+    from .observability import RequestObservation
 
 __all__ = ["AttemptKind", "AttemptTimer", "CompletionCall", "RequestLedger", "run_attempts"]
 
@@ -49,6 +52,7 @@ class RequestLedger:
         "endpoint",
         "hedged",
         "metadata",
+        "obs",
         "on_cost",
         "prices",
         "request_id",
@@ -89,6 +93,8 @@ class RequestLedger:
         self.hedged: tuple[ChainEntry, ...] = ()
         # Governance: told each row's cost (usage id, cost, made with a system key).
         self.on_cost: Callable[[uuid.UUID, Decimal | None, bool], None] | None = None
+        # Metrics and tracing of this request (None: both off).
+        self.obs: RequestObservation | None = None
 
     def record(
         self,
@@ -163,8 +169,14 @@ class RequestLedger:
             )
         if self.on_cost is not None and cost:
             self.on_cost(usage_id, cost, entry.key_source == "system")
+        number = len(self.attempts) + 1
+        if self.obs is not None:
+            self.obs.attempt_ended(
+                entry, outcome, latency, served, input_tokens, output_tokens, cost, error
+            )
         if error is not None:
-            log.info(
+            # DEBUG: the failover (or the request's failure) that follows is the INFO line.
+            log.debug(
                 "attempt failed: tenant=%s provider=%s model=%s key=%s outcome=%s error=%s",
                 self.tenant_id,
                 entry.provider,
@@ -172,6 +184,7 @@ class RequestLedger:
                 entry.fingerprint,
                 outcome,
                 type(error).__name__,
+                extra=self.log_fields(entry.provider, number, outcome),
             )
         attempt = Attempt(
             provider=entry.provider,
@@ -186,6 +199,44 @@ class RequestLedger:
         )
         self.attempts.append(attempt)
         return attempt, cost
+
+    def log_fields(self, provider: str, attempt: int, outcome: str) -> dict[str, Any]:
+        """The structured ``extra`` of this request's log records (no key, no content)."""
+        return {
+            "request_id": str(self.request_id),
+            "tenant": str(self.tenant_id),
+            "provider": provider,
+            "attempt": attempt,
+            "outcome": outcome,
+        }
+
+    def failover(self, failed: ProviderError, to: ChainEntry) -> None:
+        """The attempt loop moves on after ``failed``: one INFO line, and the observer."""
+        number = len(self.attempts)
+        log.info(
+            "failover: tenant=%s provider=%s failed (%s), next %s",
+            self.tenant_id,
+            failed.provider,
+            failed.status,
+            to.provider,
+            extra={**self.log_fields(failed.provider, number, failed.status), "next": to.provider},
+        )
+        if self.obs is not None:
+            self.obs.failover(failed.provider, failed.status)
+
+    def gave_up_logged(self, error: E) -> E:
+        """``error`` (the request's end), logged once at INFO."""
+        last = self.attempts[-1] if self.attempts else None
+        log.info(
+            "request failed: tenant=%s attempts=%d error=%s",
+            self.tenant_id,
+            len(self.attempts),
+            type(error).__name__,
+            extra=self.log_fields(
+                last.provider if last else "", len(self.attempts), last.outcome if last else ""
+            ),
+        )
+        return error
 
     def failed(
         self,
@@ -211,6 +262,7 @@ class RequestLedger:
 
 V = TypeVar("V")
 R = TypeVar("R")
+E = TypeVar("E", bound=BaseException)
 R_co = TypeVar("R_co", covariant=True)
 
 
@@ -276,6 +328,7 @@ async def run_attempts(
     retried = False
     hedged = False
     skipped: dict[str, str] | None = None
+    failed: ProviderError | None = None  # the last retryable failure, until the next attempt
     while True:
         used = -1  # a hedge's entry of this pass: already attempted
         for i, entry in enumerate(chain):
@@ -292,6 +345,9 @@ async def run_attempts(
                     skipped = {}
                 skipped[entry.provider] = reason
                 continue
+            if failed is not None:
+                ledger.failover(failed, entry)
+                failed = None
             health.on_attempt(state)
             more = i + 1 < len(chain)
             if timer is not None:
@@ -330,8 +386,10 @@ async def run_attempts(
                 return kind.succeed(won.entry, won.state, won.value, won.started)
             for outcome in outcomes:
                 deadline_hit = deadline_hit or outcome.hit_deadline
-                if outcome.error is not None and not outcome.error.retryable:
-                    raise ledger.final(outcome.error)
+                if outcome.error is not None:
+                    if not outcome.error.retryable:
+                        raise ledger.gave_up_logged(ledger.final(outcome.error))
+                    failed = outcome.error
         # The last key answered 429: if a key frees up within the deadline, wait once.
         last = ledger.attempts[-1] if ledger.attempts else None
         if retried or last is None or last.outcome != "rate_limit":
@@ -343,7 +401,9 @@ async def run_attempts(
             break
     if not ledger.attempts and skipped:
         raise NoProviderAvailableError(ledger.tenant_id, skipped)
-    raise ledger.gave_up(deadline_hit or time.monotonic() >= deadline, budget)
+    raise ledger.gave_up_logged(
+        ledger.gave_up(deadline_hit or time.monotonic() >= deadline, budget)
+    )
 
 
 class CompletionCall:
@@ -413,12 +473,22 @@ class CompletionCall:
         )
 
     async def run(self, entry: ChainEntry, timeout: float) -> ProviderResponse:
-        return await self.providers[entry.provider].complete(
+        provider, obs = self.providers[entry.provider], self.ledger.obs
+        if obs is None:
+            return await provider.complete(
+                key=entry.key,
+                model=entry.model,
+                messages=self.messages,
+                params=self.params,
+                timeout=timeout,
+            )
+        return await provider.complete(
             key=entry.key,
             model=entry.model,
             messages=self.messages,
             params=self.params,
             timeout=timeout,
+            extra_headers=obs.attempt_started(entry),
         )
 
     def row(self, cancelled: bool) -> Mapping[str, Any]:

@@ -8,6 +8,7 @@ from which :class:`AdaptiveTimeouts` derives each attempt's cap and hedging its 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from array import array
@@ -18,6 +19,33 @@ from typing import Any
 from .errors import AuthenticationError, ProviderError, RateLimitError
 
 __all__ = ["AdaptiveTimeouts", "HealthRegistry", "KeyHealth", "LatencySketch"]
+
+log = logging.getLogger("llm_gateway.health")
+
+
+def _state(state: KeyHealth, now: float) -> str:
+    if state.open_until > now:
+        return "open"
+    return "half_open" if state.half_open else "closed"
+
+
+def _transition(state: KeyHealth, before: str, after: str) -> None:
+    """One INFO line per breaker transition (fingerprints only, never keys)."""
+    log.info(
+        "breaker %s -> %s: provider=%s key=%s last_error=%s",
+        before,
+        after,
+        state.provider,
+        state.fingerprint,
+        state.last_error,
+        extra={
+            "provider": state.provider,
+            "key_fp": state.fingerprint,
+            "breaker_from": before,
+            "breaker_state": after,
+            "outcome": state.last_error,
+        },
+    )
 
 
 @dataclass(slots=True)
@@ -42,9 +70,7 @@ class KeyHealth:
         return {
             "provider": self.provider,
             "key_fingerprint": self.fingerprint,
-            "state": "open"
-            if self.open_until > now
-            else ("half_open" if self.half_open else "closed"),
+            "state": _state(self, now),
             "open_for_s": round(max(0.0, self.open_until - now), 3),
             "rate_limited_for_s": round(max(0.0, self.skip_until - now), 3),
             "latency_ewma_ms": None
@@ -213,6 +239,7 @@ class HealthRegistry:
         state.requests += 1
         if state.half_open:
             state.probe_in_flight = True
+            _transition(state, "open", "half_open")
 
     def on_success(
         self, state: KeyHealth, latency: float, headers: Mapping[str, str] | None = None
@@ -223,6 +250,8 @@ class HealthRegistry:
         )
         state.error_ewma *= 1 - a
         state.consecutive_failures = 0
+        if state.half_open:
+            _transition(state, _state(state, self.clock()), "closed")
         state.half_open = state.probe_in_flight = False
         state.open_until = 0.0
         if headers is not None:
@@ -255,9 +284,12 @@ class HealthRegistry:
             state.skip_until = max(state.skip_until, now + wait)
             state.ratelimit_remaining_requests = 0
             return
+        before = _state(state, now)
         if isinstance(error, AuthenticationError):
             state.open_until = now + self.auth_cooldown
             state.half_open = True
+            if before != "open":
+                _transition(state, before, "open")
         elif (
             state.half_open
             or state.consecutive_failures >= self.failure_threshold
@@ -268,6 +300,8 @@ class HealthRegistry:
         ):
             state.open_until = now + self.cooldown
             state.half_open = True
+            if before != "open":
+                _transition(state, before, "open")
 
     # --- latency: adaptive attempt caps and hedging delays ---------------------------------
 

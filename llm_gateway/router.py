@@ -52,6 +52,7 @@ from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_token
 from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
+from .observability import Observer, RequestObservation, build_observer
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .secrets import KeyRing
 from .streaming import CompletionStream
@@ -117,6 +118,12 @@ class TenantLLMRouter:
         config_notify: keep one connection on ``dsn`` listening for tenant config edits
             (migration 006), so they reach the cache at once. Default: on, unless ``pool=``
             is given without ``dsn=`` (the listener must reach the pool's database).
+        metrics: a ``prometheus_client`` registry (or ``True``: the default one) to count
+            in (:mod:`llm_gateway.metrics`); default: the one given to ``metrics.enable()``.
+        metrics_tenant_labels: tenants whose metrics carry a ``tenant`` label.
+        tracer_provider: an OpenTelemetry ``TracerProvider``: a span per request and per
+            attempt (:mod:`llm_gateway.tracing`); ``tracing=True``: the global provider.
+        trace_content: put messages and answers on the spans (default: never).
     """
 
     def __init__(
@@ -147,6 +154,11 @@ class TenantLLMRouter:
         default_limits: Mapping[str, Any] | None = None,
         quota_on_db_error: OnDbError = "open",
         on_budget_event: BudgetEventCallback | None = None,
+        metrics: Any = None,
+        metrics_tenant_labels: Sequence[uuid.UUID | str] | None = None,
+        tracer_provider: Any = None,
+        tracing: bool = False,
+        trace_content: bool = False,
     ) -> None:
         # Validated first: a malformed group is the caller's error, before any other setup.
         self._model_groups: Mapping[str, tuple[GroupEntry, ...]] = parse_model_groups(
@@ -210,6 +222,22 @@ class TenantLLMRouter:
             ),
             defaults,
         )
+        # None unless metrics or tracing is on: then each hook is one `is None` test.
+        self._observer: Observer | None = build_observer(
+            metrics=metrics,
+            tracer_provider=tracer_provider,
+            tracing=tracing,
+            tenant_labels=metrics_tenant_labels,
+            trace_content=trace_content,
+        )
+        if self._observer is not None:
+            me = weakref.ref(self)  # the observer must not keep the router alive
+
+            def tracker() -> ModelUsageTracker | None:
+                router = me()
+                return None if router is None else router.usage_tracker
+
+            self._observer.watch(self._health, self._store, tracker)
         self._fingerprint: Fingerprinter | None = None  # known once started
         self._started = False
         self._closed = False
@@ -466,6 +494,7 @@ class TenantLLMRouter:
         row: tuple[
             str, str | None, TaskType, Mapping[str, Any] | None, tuple[str | None, list[str] | None]
         ],
+        obs: RequestObservation | None = None,
     ) -> tuple[int, uuid.UUID, TenantRoute, list[ChainEntry], RequestLedger, Admission | None]:
         """Plan a request and admit it: its input-token estimate, tenant id, route, chain (what
         admission allowed), ledger and admission (``None`` without quotas). ``row``: the
@@ -476,12 +505,25 @@ class TenantLLMRouter:
         tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
         endpoint, user_id, task_type, metadata, labels = row
         ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
+        if obs is not None:
+            ledger.obs = obs
+            obs.begun(ledger.request_id, tid)
         if route.quota is None:
             return tokens_in, tid, route, chain, ledger, None
         admission = await self._gate.admit(
             route.quota, tid, user_id, chain, tokens_in, params, ledger
         )
         return tokens_in, tid, route, admission.entries, ledger, admission
+
+    def _observe(
+        self,
+        tenant_id: uuid.UUID | str,
+        model: str | None,
+        messages: Sequence[Mapping[str, Any]],
+        stream: bool,
+    ) -> RequestObservation | None:
+        observer = self._observer
+        return None if observer is None else observer.request(tenant_id, model, messages, stream)
 
     def _replan(
         self,
@@ -574,13 +616,14 @@ class TenantLLMRouter:
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
         admission: Admission | None = None
+        obs = self._observe(tenant_id, model, messages, False)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tokens_in, tid, route, chain, ledger, admission = await self._begin(
                 tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels),
+                (endpoint, user_id, task_type, metadata, labels), obs,
             )  # fmt: skip
             call = CompletionCall(
                 self._providers,
@@ -608,7 +651,13 @@ class TenantLLMRouter:
                 self._gate.release(
                     admission, (result.tokens_input or 0) + (result.tokens_output or 0)
                 )
+            if obs is not None:
+                obs.ended(result, None)
             return result
+        except BaseException as exc:
+            if obs is not None:
+                obs.ended(None, exc)
+            raise
         finally:
             self._gate.release(admission, None)  # no-op once released
             self._leave()
@@ -638,13 +687,14 @@ class TenantLLMRouter:
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
         admission: Admission | None = None
+        obs = self._observe(tenant_id, model, messages, True)
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
             deadline = started + budget
             tokens_in, tid, route, chain, ledger, admission = await self._begin(
                 tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels),
+                (endpoint, user_id, task_type, metadata, labels), obs,
             )  # fmt: skip
             gate, held = self._gate, admission
 
@@ -674,9 +724,11 @@ class TenantLLMRouter:
                 budget,
                 admission=admission,
             )
-        except BaseException:
+        except BaseException as exc:
             self._gate.release(admission, None)
             self._leave()
+            if obs is not None:
+                obs.ended(None, exc)  # no-op when the stream's own end said it
             raise
         self._streams.add(stream)
         return stream

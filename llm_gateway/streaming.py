@@ -36,6 +36,8 @@ __all__ = ["CompletionStream", "StreamChunk"]
 _closing: set[asyncio.Task[None]] = set()
 
 _FAILED_ROW: Mapping[str, Any] = {"extra": {"stream": True}}
+# The request's outcome (metrics, traces) when the stream that reached the caller ends.
+_REQUEST_OUTCOME = {"success": "success", "cancelled": "cancelled"}
 
 
 class CompletionStream:
@@ -97,6 +99,7 @@ class CompletionStream:
         """
         progress = self._progress
         assert progress is not None
+        obs = self._ledger.obs
         # ``timeout`` bounds the opening; each later read gets the whole chunk_timeout.
         self._stream = stream = await self._providers[entry.provider].open_stream(
             key=entry.key,
@@ -105,6 +108,7 @@ class CompletionStream:
             params=self._params,
             timeout=timeout,
             chunk_timeout=self._chunk_timeout,
+            extra_headers=None if obs is None else obs.attempt_started(entry),
         )
         self._events = events = stream.events()
         read: deque[StreamChunk] = deque()
@@ -155,6 +159,8 @@ class CompletionStream:
         self._entry, self._state, self._pending = entry, state, first
         self._attempt_started = started
         self._ttft = time.monotonic() - started
+        if self._ledger.obs is not None:
+            self._ledger.obs.first_token(entry, self._ttft)
         return self
 
     # --- iteration -------------------------------------------------------------------------
@@ -287,6 +293,9 @@ class CompletionStream:
                 requested_model=entry.model,
                 key_source=entry.key_source,
             )
+        if self._ledger.obs is not None:
+            ending = _REQUEST_OUTCOME.get(outcome, "mid_stream_error")
+            self._ledger.obs.ended(self.result, error or cancelled, ending)
 
     # --- closing ---------------------------------------------------------------------------
 

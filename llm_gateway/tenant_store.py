@@ -92,12 +92,19 @@ class TenantConfigStore(Generic[T]):
         # Every running load, detached ones included: the loop keeps only weak references.
         self._loading: set[asyncio.Task[T]] = set()
         self.loads = 0  # queries made, for tests and metrics
+        # Lookups served from the cache, not (a load made or joined), and loads that served
+        # the last known config while PostgreSQL failed; read by llm_gateway.metrics.
+        self.hits = 0
+        self.misses = 0
+        self.stale = 0
 
     async def get(self, tenant_id: uuid.UUID) -> T:
         """The tenant's config (built), from the cache or one shared load."""
         cached = self._cache.get(tenant_id)
         if cached is not None:
+            self.hits += 1
             return cached
+        self.misses += 1
         load = self._inflight.get(tenant_id)
         if load is None:
             # The load runs in a task of its own: cancelling one caller (even the one that
@@ -122,6 +129,7 @@ class TenantConfigStore(Generic[T]):
     async def _load(self, tenant_id: uuid.UUID) -> T:
         stale = self._stale.get(tenant_id) if self._stale is not None else None
         if stale is not None and time.monotonic() < self._db_failed_until:
+            self.stale += 1
             return stale  # the database failed moments ago: do not wait on it again
         self.loads += 1
         try:
@@ -138,6 +146,7 @@ class TenantConfigStore(Generic[T]):
                     type(exc).__name__,
                     tenant_id,
                 )
+                self.stale += 1
                 return stale
             raise ConfigUnavailableError(
                 f"cannot load config of tenant {tenant_id}: {type(exc).__name__}: {exc}"

@@ -187,10 +187,12 @@ class Provider:
         messages: Sequence[Mapping[str, Any]],
         params: Mapping[str, Any],
         timeout: float,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> ProviderResponse:
         """Send one non-streamed request; ``timeout`` bounds the whole call.
 
         Connecting is bounded by ``connect_timeout`` as well (a float would set every phase).
+        ``extra_headers``: sent too (trace context); they never replace the key's.
 
         Raises:
             InvalidRequestError: the body cannot be serialised (nothing was sent).
@@ -201,6 +203,8 @@ class Provider:
         except TypeError as exc:
             raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
         headers = {"Content-Type": "application/json"}
+        if extra_headers:  # trace context (traceparent); set first, never over auth
+            headers.update(extra_headers)
         if key is not None:
             headers["Authorization"] = f"Bearer {key.reveal()}"
         try:
@@ -244,6 +248,7 @@ class Provider:
         params: Mapping[str, Any],
         timeout: float,
         chunk_timeout: float,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> ProviderStream:
         """Send a streaming request; returns once the response headers arrived (2xx).
 
@@ -257,6 +262,8 @@ class Provider:
             ProviderError: the provider failed (classified).
         """
         headers = {"Authorization": f"Bearer {key.reveal()}"} if key is not None else None
+        if extra_headers:  # trace context (traceparent); never over auth
+            headers = {**extra_headers, **(headers or {})}
         options = dict(params)
         if self.settings.family == "openai":
             # Groq always reports usage (x_groq.usage) and its SDK has no stream_options.
