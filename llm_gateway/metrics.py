@@ -19,7 +19,10 @@ The names (a dashboard and alert rules are written against them; ``docs/grafana-
     llm_gateway_quota_refusals_total{scope,limit}
 
 ``model`` is the model as configured (the chain entry's), so its values stay bounded.
-Tenant ids are no label by default; a registry enabled with ``tenant_labels=True`` gives the
+Counting costs a request a few dict updates: each router keeps plain counters (one event
+loop thread each), and one collector per registry turns them into metric families at scrape
+time; a router that is gone leaves its counts in the totals. Tenant ids are no label by
+default; a registry enabled with ``tenant_labels=True`` gives the
 request, attempt, token, cost, failover and quota counters a ``tenant`` label, set only for
 the tenants a router lists in ``metrics_tenant_labels`` (``""`` for the others).
 """
@@ -27,12 +30,13 @@ the tenants a router lists in ``metrics_tenant_labels`` (``""`` for the others).
 from __future__ import annotations
 
 import weakref
+from bisect import bisect_left
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from . import observability
@@ -41,7 +45,7 @@ if TYPE_CHECKING:
     from .chain import ChainEntry
     from .observability import Observer
 
-__all__ = ["GatewayMetrics", "bundle", "enable"]
+__all__ = ["GatewayMetrics", "bundle", "disable", "enable"]
 
 # LLM calls take from a few hundred milliseconds to minutes.
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -82,83 +86,70 @@ def bundle(registry: CollectorRegistry | None, *, tenant_label: bool = False) ->
     return found
 
 
-class GatewayMetrics:
-    """The metric objects of one registry, with their label children cached per label set."""
+class _Histogram:
+    """Bucket counts (not cumulative), sum and count of one label set."""
 
-    def __init__(self, registry: CollectorRegistry, *, tenant_label: bool) -> None:
-        self.registry = registry
+    __slots__ = ("bounds", "buckets", "count", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.count += 1
+        self.sum += value
+
+    def merge(self, other: _Histogram) -> None:
+        for i, n in enumerate(other.buckets):
+            self.buckets[i] += n
+        self.count += other.count
+        self.sum += other.sum
+
+
+class Counts:
+    """One router's counters: label values -> value. Updated on its event loop only."""
+
+    __slots__ = (
+        "attempt_durations",
+        "attempts",
+        "cost",
+        "failovers",
+        "quota",
+        "request_durations",
+        "requests",
+        "tenant_label",
+        "tokens",
+        "ttft",
+    )
+
+    def __init__(self, tenant_label: bool = False) -> None:
         self.tenant_label = tenant_label
-        t = ("tenant",) if tenant_label else ()
-        self.requests = Counter(
-            "llm_gateway_requests", "Requests by outcome.", ("outcome", *t), registry=registry
-        )
-        self.attempts = Counter(
-            "llm_gateway_attempts",
-            "Attempts on providers (each is one usage row).",
-            ("provider", "model", "outcome", "key_source", *t),
-            registry=registry,
-        )
-        self.failovers = Counter(
-            "llm_gateway_failovers",
-            "Failovers, by the provider failed over from and why.",
-            ("provider", "reason", *t),
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "llm_gateway_request_duration_seconds",
-            "Whole requests, every attempt included (a stream: until its end).",
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.attempt_duration = Histogram(
-            "llm_gateway_attempt_duration_seconds",
-            "One attempt on one provider.",
-            ("provider",),
-            buckets=_DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            "llm_gateway_time_to_first_token_seconds",
-            "Streams: from the attempt's start to its first content chunk.",
-            ("provider",),
-            buckets=_TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "llm_gateway_tokens",
-            "Tokens of attempts, by direction (input, output).",
-            ("provider", "model", "direction", *t),
-            registry=registry,
-        )
-        self.cost = Counter(
-            "llm_gateway_cost_usd",
-            "Estimated cost of attempts in USD.",
-            ("provider", "model", *t),
-            registry=registry,
-        )
-        self.quota_refusals = Counter(
-            "llm_gateway_quota_refusals",
-            "Requests refused by a budget or rate limit, by scope and limit.",
-            ("scope", "limit", *t),
-            registry=registry,
-        )
-        self._state = _StateCollector()
-        registry.register(self._state)
-        # label values -> child, so a request pays one dict lookup instead of .labels().
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self.requests: dict[tuple[str, ...], float] = {}
+        self.attempts: dict[tuple[str, ...], float] = {}
+        self.failovers: dict[tuple[str, ...], float] = {}
+        self.tokens: dict[tuple[str, ...], float] = {}
+        self.cost: dict[tuple[str, ...], float] = {}
+        self.quota: dict[tuple[str, ...], float] = {}
+        self.request_durations: dict[tuple[str, ...], _Histogram] = {}
+        self.attempt_durations: dict[tuple[str, ...], _Histogram] = {}
+        self.ttft: dict[tuple[str, ...], _Histogram] = {}
 
-    def watch(self, observer: Observer) -> None:
-        self._state.observers.add(observer)
+    def merge(self, other: Counts) -> None:
+        for name in ("requests", "attempts", "failovers", "tokens", "cost", "quota"):
+            mine: dict[tuple[str, ...], float] = getattr(self, name)
+            for key, n in list(getattr(other, name).items()):
+                mine[key] = mine.get(key, 0.0) + n
+        for name in ("request_durations", "attempt_durations", "ttft"):
+            hists: dict[tuple[str, ...], _Histogram] = getattr(self, name)
+            for key, h in list(getattr(other, name).items()):
+                if key not in hists:
+                    hists[key] = _Histogram(h.bounds)
+                hists[key].merge(h)
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        key = (id(metric), *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
-
-    def _t(self, label: str) -> tuple[str, ...]:
-        return (label,) if self.tenant_label else ()
+    # --- the hot path: a few dict updates ----------------------------------------------
 
     def attempt(
         self,
@@ -170,104 +161,246 @@ class GatewayMetrics:
         cost: Decimal | None,
         tenant: str,
     ) -> None:
-        t = self._t(tenant)
         provider, model = entry.provider, entry.model
-        self._child(self.attempts, provider, model, outcome, entry.key_source, *t).inc()
-        self._child(self.attempt_duration, provider).observe(latency)
-        if input_tokens:
-            self._child(self.tokens, provider, model, "input", *t).inc(input_tokens)
-        if output_tokens:
-            self._child(self.tokens, provider, model, "output", *t).inc(output_tokens)
-        if cost:
-            self._child(self.cost, provider, model, *t).inc(float(cost))
+        if self.tenant_label:
+            self._attempt_tenant(entry, outcome, input_tokens, output_tokens, cost, tenant)
+        else:
+            attempts = self.attempts
+            key: tuple[str, ...] = (provider, model, outcome, entry.key_source)
+            attempts[key] = attempts.get(key, 0.0) + 1
+            tokens = self.tokens
+            if input_tokens:
+                key = (provider, model, "input")
+                tokens[key] = tokens.get(key, 0.0) + input_tokens
+            if output_tokens:
+                key = (provider, model, "output")
+                tokens[key] = tokens.get(key, 0.0) + output_tokens
+            if cost:
+                key = (provider, model)
+                self.cost[key] = self.cost.get(key, 0.0) + float(cost)
+        hist = self.attempt_durations.get((provider,))
+        if hist is None:
+            hist = self.attempt_durations[(provider,)] = _Histogram(_DURATION_BUCKETS)
+        hist.observe(latency)
 
-    def failover(self, provider: str, reason: str, tenant: str = "") -> None:
-        self._child(self.failovers, provider, reason, *self._t(tenant)).inc()
+    def _attempt_tenant(
+        self,
+        entry: ChainEntry,
+        outcome: str,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cost: Decimal | None,
+        tenant: str,
+    ) -> None:
+        provider, model = entry.provider, entry.model
+        key: tuple[str, ...] = (provider, model, outcome, entry.key_source, tenant)
+        self.attempts[key] = self.attempts.get(key, 0.0) + 1
+        tokens = self.tokens
+        if input_tokens:
+            key = (provider, model, "input", tenant)
+            tokens[key] = tokens.get(key, 0.0) + input_tokens
+        if output_tokens:
+            key = (provider, model, "output", tenant)
+            tokens[key] = tokens.get(key, 0.0) + output_tokens
+        if cost:
+            key = (provider, model, tenant)
+            self.cost[key] = self.cost.get(key, 0.0) + float(cost)
+
+    def failover(self, provider: str, reason: str, tenant: str) -> None:
+        key = (provider, reason, tenant) if self.tenant_label else (provider, reason)
+        self.failovers[key] = self.failovers.get(key, 0.0) + 1
 
     def first_token(self, provider: str, seconds: float) -> None:
-        self._child(self.ttft, provider).observe(seconds)
+        _hist(self.ttft, (provider,), _TTFT_BUCKETS).observe(seconds)
 
     def request(
         self, outcome: str, seconds: float, tenant: str, error: BaseException | None
     ) -> None:
-        t = self._t(tenant)
-        self._child(self.requests, outcome, *t).inc()
-        self.request_duration.observe(seconds)
+        key: tuple[str, ...] = (outcome, tenant) if self.tenant_label else (outcome,)
+        self.requests[key] = self.requests.get(key, 0.0) + 1
+        _hist(self.request_durations, (), _DURATION_BUCKETS).observe(seconds)
         if outcome == "quota_exceeded":
-            scope, limit = getattr(error, "scope", ""), getattr(error, "limit", "")
-            self._child(self.quota_refusals, str(scope), str(limit), *t).inc()
+            scope, limit = str(getattr(error, "scope", "")), str(getattr(error, "limit", ""))
+            key = (scope, limit, tenant) if self.tenant_label else (scope, limit)
+            self.quota[key] = self.quota.get(key, 0.0) + 1
 
 
-class _StateCollector:
-    """Breakers, config cache and usage writer, read at scrape time from the routers."""
+def _hist(table: dict[tuple[str, ...], _Histogram], key: tuple[str, ...], b: Any) -> _Histogram:
+    h = table.get(key)
+    if h is None:
+        h = table[key] = _Histogram(b)
+    return h
 
-    def __init__(self) -> None:
-        self.observers: weakref.WeakSet[Observer] = weakref.WeakSet()
+
+class GatewayMetrics:
+    """The llm_gateway metrics of one registry: the routers counting in it, one collector."""
+
+    def __init__(self, registry: CollectorRegistry, *, tenant_label: bool) -> None:
+        self.registry = registry
+        self.tenant_label = tenant_label
+        self._observers: weakref.WeakSet[Observer] = weakref.WeakSet()
+        self._retired = Counts(tenant_label)  # what routers that are gone counted
+        registry.register(_Collector(self))
+
+    def watch(self, observer: Observer) -> None:
+        """Count ``observer``'s router in this registry (until it is garbage, then kept)."""
+        self._observers.add(observer)
+        assert observer.counts is not None
+        weakref.finalize(observer, self._retired.merge, observer.counts)
+
+    def new_counts(self) -> Counts:
+        """Counters for one more router."""
+        return Counts(self.tenant_label)
+
+    def totals(self) -> Counts:
+        total = Counts(self.tenant_label)
+        total.merge(self._retired)
+        for observer in list(self._observers):
+            if observer.counts is not None:
+                total.merge(observer.counts)
+        return total
+
+
+class _Collector:
+    """Builds every family at scrape time: the routers' counters and their live state."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
 
     def describe(self) -> list[Metric]:
-        breaker, cache, usage = self._families()
-        return [breaker, cache, *usage]
+        return list(self._families(None))
 
     def collect(self) -> Iterator[Metric]:
-        breaker, cache, usage = self._families()
-        counts = {"hit": 0, "miss": 0, "stale": 0}
-        queued = spooled = written = rejected = 0
-        trackers: set[int] = set()
-        for observer in list(self.observers):
-            health, cache_counts, backlog = observer.state()
-            for key in health:
-                breaker.add_metric(
-                    [key["provider"], key["key_fingerprint"]], _BREAKER.get(key["state"], 0.0)
-                )
-            for event, n in cache_counts.items():
-                counts[event] = counts.get(event, 0) + n
-            if backlog is not None and id(backlog) not in trackers:
-                trackers.add(id(backlog))
-                queued += backlog.queued
-                spooled += backlog.spooled_rows
-                written += backlog.written_rows
-                rejected += backlog.rejected_rows
-        for event, n in counts.items():
-            cache.add_metric([event], n)
-        yield breaker
-        yield cache
-        q, s, w, r = usage
-        q.add_metric([], queued)
-        s.add_metric([], spooled)
-        w.add_metric([], written)
-        r.add_metric([], rejected)
-        yield from usage
+        return iter(self._families(self._metrics))
 
-    @staticmethod
-    def _families() -> tuple[
-        GaugeMetricFamily,
-        CounterMetricFamily,
-        tuple[GaugeMetricFamily, GaugeMetricFamily, CounterMetricFamily, CounterMetricFamily],
-    ]:
-        return (
-            GaugeMetricFamily(
-                "llm_gateway_breaker_state",
-                "Circuit breaker of each provider key: 0 closed, 1 half-open, 2 open.",
-                labels=("provider", "key_fp"),
-            ),
-            CounterMetricFamily(
-                "llm_gateway_config_cache",
-                "Tenant config lookups: hit, miss (loaded), stale (served, PostgreSQL failing).",
-                labels=("event",),
+    def _families(self, metrics: GatewayMetrics | None) -> list[Metric]:
+        t: tuple[str, ...] = ("tenant",) if metrics is not None and metrics.tenant_label else ()
+        counters = (
+            ("requests", "llm_gateway_requests", "Requests by outcome.", ("outcome", *t)),
+            (
+                "attempts",
+                "llm_gateway_attempts",
+                "Attempts on providers (each is one usage row).",
+                ("provider", "model", "outcome", "key_source", *t),
             ),
             (
-                GaugeMetricFamily(
-                    "llm_gateway_usage_queue_rows", "Usage rows in memory, not yet written."
-                ),
-                GaugeMetricFamily(
-                    "llm_gateway_usage_spooled_rows", "Usage rows in spool files awaiting replay."
-                ),
-                CounterMetricFamily(
-                    "llm_gateway_usage_written_rows", "Usage rows written to PostgreSQL."
-                ),
-                CounterMetricFamily(
-                    "llm_gateway_usage_rejected_rows",
-                    "Usage rows PostgreSQL refused (kept in the spool's rejected/).",
-                ),
+                "failovers",
+                "llm_gateway_failovers",
+                "Failovers, by the provider failed over from and why.",
+                ("provider", "reason", *t),
+            ),
+            (
+                "tokens",
+                "llm_gateway_tokens",
+                "Tokens of attempts, by direction (input, output).",
+                ("provider", "model", "direction", *t),
+            ),
+            (
+                "cost",
+                "llm_gateway_cost_usd",
+                "Estimated cost of attempts in USD.",
+                ("provider", "model", *t),
+            ),
+            (
+                "quota",
+                "llm_gateway_quota_refusals",
+                "Requests refused by a budget or rate limit, by scope and limit.",
+                ("scope", "limit", *t),
             ),
         )
+        histograms = (
+            (
+                "request_durations",
+                "llm_gateway_request_duration_seconds",
+                "Whole requests, every attempt included (a stream: until its end).",
+                (),
+            ),
+            (
+                "attempt_durations",
+                "llm_gateway_attempt_duration_seconds",
+                "One attempt on one provider.",
+                ("provider",),
+            ),
+            (
+                "ttft",
+                "llm_gateway_time_to_first_token_seconds",
+                "Streams: from the attempt's start to its first content chunk.",
+                ("provider",),
+            ),
+        )
+        totals = metrics.totals() if metrics is not None else Counts()
+        out: list[Metric] = []
+        for attr, name, doc, labels in counters:
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in sorted(getattr(totals, attr).items()):
+                family.add_metric(list(key), value)
+            out.append(family)
+        for attr, name, doc, labels in histograms:
+            hfamily = HistogramMetricFamily(name, doc, labels=labels)
+            for key, h in sorted(getattr(totals, attr).items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
+                    cumulative += n
+                    buckets.append((_le(bound), float(cumulative)))
+                hfamily.add_metric(list(key), buckets, h.sum)
+            out.append(hfamily)
+        out.extend(_state(metrics))
+        return out
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+def _state(metrics: GatewayMetrics | None) -> list[Metric]:
+    """Breakers, config cache and usage writer, read from the routers now."""
+    breaker = GaugeMetricFamily(
+        "llm_gateway_breaker_state",
+        "Circuit breaker of each provider key: 0 closed, 1 half-open, 2 open.",
+        labels=("provider", "key_fp"),
+    )
+    cache = CounterMetricFamily(
+        "llm_gateway_config_cache",
+        "Tenant config lookups: hit, miss (loaded), stale (served, PostgreSQL failing).",
+        labels=("event",),
+    )
+    queue = GaugeMetricFamily(
+        "llm_gateway_usage_queue_rows", "Usage rows in memory, not yet written."
+    )
+    spool = GaugeMetricFamily(
+        "llm_gateway_usage_spooled_rows", "Usage rows in spool files awaiting replay."
+    )
+    written = CounterMetricFamily(
+        "llm_gateway_usage_written_rows", "Usage rows written to PostgreSQL."
+    )
+    rejected = CounterMetricFamily(
+        "llm_gateway_usage_rejected_rows",
+        "Usage rows PostgreSQL refused (kept in the spool's rejected/).",
+    )
+    families: list[Metric] = [breaker, cache, queue, spool, written, rejected]
+    if metrics is None:
+        return families
+    counts = {"hit": 0, "miss": 0, "stale": 0}
+    queued = spooled = written_rows = rejected_rows = 0
+    seen: set[int] = set()
+    for observer in list(metrics._observers):
+        health, cache_counts, backlog, tracker = observer.state()
+        for key in health:
+            breaker.add_metric(
+                [key["provider"], key["key_fingerprint"]], _BREAKER.get(key["state"], 0.0)
+            )
+        for event, n in cache_counts.items():
+            counts[event] = counts.get(event, 0) + n
+        if backlog is not None and id(tracker) not in seen:  # routers may share a tracker
+            seen.add(id(tracker))
+            queued += backlog.queued
+            spooled += backlog.spooled_rows
+            written_rows += backlog.written_rows
+            rejected_rows += backlog.rejected_rows
+    for event, n in counts.items():
+        cache.add_metric([event], n)
+    queue.add_metric([], queued)
+    spool.add_metric([], spooled)
+    written.add_metric([], written_rows)
+    rejected.add_metric([], rejected_rows)
+    return families

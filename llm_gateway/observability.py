@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from .chain import ChainEntry
     from .health import HealthRegistry
-    from .metrics import GatewayMetrics
+    from .metrics import Counts, GatewayMetrics
     from .tracing import Tracing
     from .types import CompletionResult
 
@@ -88,6 +88,7 @@ class Observer:
         "__weakref__",
         "_store",
         "_tracker",
+        "counts",
         "health",
         "metrics",
         "tenant_labels",
@@ -105,6 +106,7 @@ class Observer:
     ) -> None:
         self.metrics = metrics
         self.tracing = tracing
+        self.counts: Counts | None = None if metrics is None else metrics.new_counts()
         # Canonical ids (a UUID's str) and the strings as given: either spelling matches.
         labels: set[str] = set()
         for t in tenant_labels:
@@ -128,8 +130,9 @@ class Observer:
         if self.metrics is not None:
             self.metrics.watch(self)
 
-    def state(self) -> tuple[list[dict[str, Any]], Mapping[str, int], Any]:
-        """Health snapshot, config cache counters and usage backlog (``None``: no tracker)."""
+    def state(self) -> tuple[list[dict[str, Any]], Mapping[str, int], Any, Any]:
+        """Health snapshot, config cache counters, usage backlog and tracker (``None``: no
+        tracker yet)."""
         health = self.health.snapshot() if self.health is not None else []
         store = self._store
         cache = (
@@ -138,7 +141,7 @@ class Observer:
             else {}
         )
         tracker = self._tracker() if self._tracker is not None else None
-        return health, cache, tracker.backlog() if tracker is not None else None
+        return health, cache, tracker.backlog() if tracker is not None else None, tracker
 
     def request(
         self,
@@ -156,14 +159,13 @@ class RequestObservation:
 
     __slots__ = (
         "_attempts",
+        "_counts",
         "_failed",
         "_label",
-        "_metrics",
         "_number",
         "_t0",
         "_trace",
         "done",
-        "tenant",
     )
 
     def __init__(
@@ -175,15 +177,18 @@ class RequestObservation:
         stream: bool,
     ) -> None:
         self._t0 = time.monotonic()
-        self.tenant = tenant = str(tenant_id)
-        self._metrics = observer.metrics
-        self._label = tenant if tenant in observer.tenant_labels else ""
+        self._counts = observer.counts
+        self._label = ""
+        if observer.tenant_labels:  # str(UUID) costs: only when it is used
+            tenant = str(tenant_id)
+            if tenant in observer.tenant_labels:
+                self._label = tenant
         tracing = observer.tracing
         self._trace = (
             None
             if tracing is None
             else tracing.request(
-                tenant, model, messages if observer.trace_content else None, stream
+                str(tenant_id), model, messages if observer.trace_content else None, stream
             )
         )
         # Attempts started and not ended yet: (entry, its span or None, attempt number).
@@ -200,18 +205,20 @@ class RequestObservation:
     def failover(self, provider: str, reason: str) -> None:
         """The attempt loop moves on from ``provider``, which failed with ``reason``."""
         self._failed = (provider, reason)
-        if self._metrics is not None:
-            self._metrics.failover(provider, reason, self._label)
+        if self._counts is not None:
+            self._counts.failover(provider, reason, self._label)
 
     def attempt_started(self, entry: ChainEntry) -> Mapping[str, str] | None:
         """An attempt on ``entry`` starts now; returns the trace headers to send with it."""
         self._number += 1
         failed, self._failed = self._failed, None
-        span = None
-        if self._trace is not None:
-            span = self._trace.attempt(entry, self._number, failed)
+        trace = self._trace
+        if trace is None:
+            self._attempts.append((entry, None, self._number))
+            return None
+        span = trace.attempt(entry, self._number, failed)
         self._attempts.append((entry, span, self._number))
-        return None if span is None else self._trace.headers(span)  # type: ignore[union-attr]
+        return trace.headers(span)
 
     def attempt_ended(
         self,
@@ -234,7 +241,7 @@ class RequestObservation:
                 break
         else:
             return
-        m = self._metrics
+        m = self._counts
         if m is not None:
             m.attempt(entry, outcome, latency, input_tokens, output_tokens, cost, self._label)
         if span is not None:
@@ -244,8 +251,8 @@ class RequestObservation:
 
     def first_token(self, entry: ChainEntry, seconds: float) -> None:
         """A stream's first content chunk arrived ``seconds`` after its attempt started."""
-        if self._metrics is not None:
-            self._metrics.first_token(entry.provider, seconds)
+        if self._counts is not None:
+            self._counts.first_token(entry.provider, seconds)
         for started, span, _ in self._attempts:
             if started is entry and span is not None:
                 span.set_attribute("llm_gateway.time_to_first_token_s", seconds)
@@ -263,8 +270,8 @@ class RequestObservation:
         self.done = True
         if outcome is None:
             outcome = request_outcome(error)
-        if self._metrics is not None:
-            self._metrics.request(outcome, time.monotonic() - self._t0, self._label, error)
+        if self._counts is not None:
+            self._counts.request(outcome, time.monotonic() - self._t0, self._label, error)
         trace = self._trace
         if trace is not None:
             for _, span, _ in self._attempts:  # never sent (an unserialisable request)

@@ -61,19 +61,25 @@ class Tracing:
 class RequestTrace:
     """The spans of one request."""
 
-    __slots__ = ("_content", "_context", "_span", "_tracer")
+    __slots__ = ("_content", "_context", "_headers", "_recording", "_span", "_tracer")
 
     def __init__(self, tracer: Any, span: Any, *, content: bool) -> None:
         self._tracer = tracer
         self._span = span
         self._context = trace.set_span_in_context(span)
         self._content = content
+        # Sampled out: no attempt spans, the request's context is what travels.
+        self._recording = span.is_recording()
+        self._headers: dict[str, str] | None = None
 
     def set_attribute(self, name: str, value: Any) -> None:
-        self._span.set_attribute(name, value)
+        if self._recording:
+            self._span.set_attribute(name, value)
 
-    def attempt(self, entry: ChainEntry, number: int, failed: tuple[str, str] | None) -> Any:
-        """Start an attempt's span (a child of the request's)."""
+    def attempt(self, entry: ChainEntry, number: int, failed: tuple[str, str] | None) -> Any | None:
+        """Start an attempt's span (a child of the request's); ``None`` when sampled out."""
+        if not self._recording:
+            return None
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat",
             "gen_ai.system": entry.provider,
@@ -91,9 +97,14 @@ class RequestTrace:
             attributes=attributes,
         )
 
-    @staticmethod
-    def headers(span: Any) -> dict[str, str] | None:
-        """The headers that carry ``span``'s context to the provider (``traceparent``)."""
+    def headers(self, span: Any | None) -> dict[str, str] | None:
+        """The headers that carry ``span``'s context (``None``: the request's, sampled out)
+        to the provider: ``traceparent``, by the global propagator."""
+        if span is None:
+            if self._headers is None:
+                self._headers = {}
+                propagate.inject(self._headers, context=self._context)
+            return self._headers or None
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return carrier or None
@@ -108,36 +119,39 @@ class RequestTrace:
         cost: Decimal | None,
         error: BaseException | None,
     ) -> None:
-        if span.is_recording():
-            span.set_attribute("llm_gateway.outcome", outcome)
-            span.set_attribute("gen_ai.response.model", model)
-            if input_tokens is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
-            if output_tokens is not None:
-                span.set_attribute("gen_ai.usage.output_tokens", output_tokens)
-            if cost:
-                span.set_attribute("llm_gateway.cost_usd", float(cost))
-            if error is not None:
-                _error(span, outcome, error)
+        attributes: dict[str, Any] = {
+            "llm_gateway.outcome": outcome,
+            "gen_ai.response.model": model,
+        }
+        if input_tokens is not None:
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
+        if output_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = output_tokens
+        if cost:
+            attributes["llm_gateway.cost_usd"] = float(cost)
+        span.set_attributes(attributes)  # one call: the SDK locks once
+        if error is not None:
+            _error(span, outcome, error)
         span.end()
 
     def ended(
         self, outcome: str, result: CompletionResult | None, error: BaseException | None
     ) -> None:
         span = self._span
-        if span.is_recording():
-            span.set_attribute("llm_gateway.outcome", outcome)
+        if self._recording:
+            attributes: dict[str, Any] = {"llm_gateway.outcome": outcome}
             if result is not None:
-                span.set_attribute("gen_ai.system", result.provider)
-                span.set_attribute("gen_ai.response.model", result.model)
-                span.set_attribute("llm_gateway.attempts", len(result.attempts))
+                attributes["gen_ai.system"] = result.provider
+                attributes["gen_ai.response.model"] = result.model
+                attributes["llm_gateway.attempts"] = len(result.attempts)
                 if result.tokens_input is not None:
-                    span.set_attribute("gen_ai.usage.input_tokens", result.tokens_input)
+                    attributes["gen_ai.usage.input_tokens"] = result.tokens_input
                 if result.tokens_output is not None:
-                    span.set_attribute("gen_ai.usage.output_tokens", result.tokens_output)
+                    attributes["gen_ai.usage.output_tokens"] = result.tokens_output
                 if self._content:
                     answer = [{"role": "assistant", "content": result.content}]
-                    span.set_attribute("gen_ai.output.messages", _json(answer))
+                    attributes["gen_ai.output.messages"] = _json(answer)
+            span.set_attributes(attributes)
             if error is not None:
                 _error(span, outcome, error)
         span.end()

@@ -3,6 +3,7 @@ the text format and checked number by number; the Grafana dashboard uses only th
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from collections.abc import AsyncIterator
@@ -208,9 +209,13 @@ async def test_enable_turns_metrics_on_for_later_routers(
             await router.complete_for_tenant(t, MSG)
     finally:
         metrics.disable()
+    del router
+    gc.collect()  # a router that is gone leaves its counts in the totals
+    assert value(scrape(registry), "llm_gateway_requests_total", outcome="success") == 1
     async with TenantLLMRouter(pg_dsn, providers=providers(groq, llm7)) as router:
         await router.complete_for_tenant(t, MSG)  # made after disable(): not counted
     assert value(scrape(registry), "llm_gateway_requests_total", outcome="success") == 1
+    assert value(scrape(registry), "llm_gateway_attempt_duration_seconds_count", provider="groq") == 1
 
 
 # --- the dashboard ---------------------------------------------------------------------------
@@ -237,7 +242,17 @@ async def test_grafana_dashboard_uses_only_exported_names(
         async with await r.stream_for_tenant(t, MSG) as stream:
             async for _ in stream:
                 pass
-    exported = set(scrape(registry)) | families(registry)
+    # The sample names each family can have (those without a sample yet included).
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    text = generate_latest(registry).decode()
+    exported = {
+        f.name + suffix
+        for f in text_string_to_metric_families(text)
+        for suffix in suffixes[f.type]
+    }
+    assert set(scrape(registry)) - {n for n in scrape(registry) if n.endswith("_created")} <= (
+        exported
+    )
     # Every family the issue names is on the dashboard, and nothing else.
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)

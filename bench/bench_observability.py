@@ -1,0 +1,250 @@
+"""What metrics and tracing cost the router per request: CPU with them on against off.
+
+How to run (from the repository root; PostgreSQL reachable through an admin DSN that may
+create databases, default ``$DATABASE_URL`` or ``postgresql://postgres@127.0.0.1:5432/postgres``;
+needs ``pip install -e '.[metrics,otel]' opentelemetry-sdk``)::
+
+    python bench/bench_observability.py                    # ~2 minutes on an idle 2-core machine
+    python bench/bench_observability.py --requests 500 --repeats 3   # quick look
+
+It prints figures and asserts nothing about time. Method (that of ``bench_router.py`` (f)):
+each router's provider is a canned one that answers at once with a response recorded from the
+simulator and parsed by the router's own parser, so the figure is the router's own CPU: cached
+config, chain, attempt loop, usage row (the usage writer runs in this process, and its flush
+after each slice is counted), and -- in the variants that have them -- metrics and spans.
+
+Variants, interleaved within each repeat so drift hits them alike:
+
+* ``off``: ``TenantLLMRouter(dsn, providers=...)``, no observer at all.
+* ``metrics``: ``metrics=CollectorRegistry()``.
+* ``tracing``: ``tracer_provider=`` an SDK ``TracerProvider`` with a ``BatchSpanProcessor``
+  whose exporter drops the spans (its thread's CPU is counted: ``time.process_time()`` is the
+  whole process; the processor is flushed at the end of each slice).
+* ``unsampled``: tracing with a provider whose sampler drops every span (``ALWAYS_OFF``):
+  the gateway's own hooks without the SDK recording spans.
+* ``both``: metrics and tracing.
+
+CPU per request = ``time.process_time()`` of the slice (requests + usage flush + span flush)
+/ requests, at concurrency 1. Each figure is the median over ``--repeats`` runs; the spread is
+min..max over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx2
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # bench/ is not a package: found through sys.path
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from prometheus_client import CollectorRegistry, generate_latest
+
+from llm_gateway.keys import ApiKey
+from llm_gateway.migrate import apply_migrations
+from llm_gateway.providers import ProviderResponse, provider_settings
+from llm_gateway.providers.base import parse_completion
+from llm_gateway.router import TenantLLMRouter
+from llm_gateway.simulator import SimulatedProvider
+
+DB_NAME = "llmgw_bench_observability"
+MODEL = "gpt-4o-mini"
+MESSAGES: list[Any] = [{"role": "user", "content": "Say hello in one sentence."}]
+VARIANTS = ("off", "metrics", "unsampled", "tracing", "both")
+VERSIONS = ("prometheus-client", "opentelemetry-api", "opentelemetry-sdk", "asyncpg")
+
+
+class CannedProvider:
+    """Answers at once with a recorded response, parsed by the router's own parser."""
+
+    def __init__(self, name: str, body: bytes, headers: Any) -> None:
+        self.name = name
+        self._body = body
+        self._headers = headers
+        self.traced = 0  # requests that carried a traceparent (the variant really traces)
+
+    async def complete(
+        self,
+        *,
+        key: ApiKey | None,
+        model: str,
+        messages: Sequence[Any],
+        params: Any,
+        timeout: float,
+        extra_headers: Any = None,
+    ) -> ProviderResponse:
+        if extra_headers and "traceparent" in extra_headers:
+            self.traced += 1
+        return parse_completion(self.name, model, self._body, self._headers)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class DropExporter(SpanExporter):
+    """Exports nowhere: what is measured is making and ending spans, not shipping them."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+async def recorded_answer() -> tuple[bytes, Any]:
+    async with SimulatedProvider(name="llm7") as sim, httpx2.AsyncClient() as client:
+        response = await client.post(
+            f"{sim.base_url}/chat/completions",
+            content=orjson.dumps({"model": MODEL, "messages": MESSAGES}),
+            headers={"authorization": "Bearer k", "content-type": "application/json"},
+        )
+    return response.content, response.headers
+
+
+async def seed(dsn: str) -> uuid.UUID:
+    await apply_migrations(dsn)
+    tid = uuid.uuid4()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO tenants (id, name, llm_tokens, inference_config)"
+            " VALUES ($1, 'bench', '{\"llm7\": \"bench-key\"}', '{\"preferred_provider\": \"llm7\"}')",
+            tid,
+        )
+    finally:
+        await conn.close()
+    return tid
+
+
+class Variant:
+    def __init__(self, name: str, router: TenantLLMRouter, provider: CannedProvider) -> None:
+        self.name = name
+        self.router = router
+        self.provider = provider
+        self.tracer_provider: TracerProvider | None = None
+        self.exporter: DropExporter | None = None
+        self.registry: CollectorRegistry | None = None
+
+
+async def make(name: str, dsn: str, answer: tuple[bytes, Any]) -> Variant:
+    options: dict[str, Any] = {}
+    registry = tracer_provider = exporter = None
+    if name in ("metrics", "both"):
+        registry = options["metrics"] = CollectorRegistry()
+    if name in ("tracing", "both", "unsampled"):
+        exporter = DropExporter()
+        sampler = ALWAYS_OFF if name == "unsampled" else None
+        tracer_provider = TracerProvider(sampler=sampler)
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+        options["tracer_provider"] = tracer_provider
+    settings = provider_settings("llm7", "http://127.0.0.1:9/v1")
+    router = TenantLLMRouter(dsn, providers={"llm7": settings}, **options)
+    real = router._providers["llm7"]
+    canned = CannedProvider("llm7", *answer)
+    router._providers["llm7"] = canned  # type: ignore[assignment]
+    await real.aclose()
+    await router.start()
+    v = Variant(name, router, canned)
+    v.registry, v.tracer_provider, v.exporter = registry, tracer_provider, exporter
+    return v
+
+
+async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
+    """CPU seconds per request of ``n`` sequential requests, flushes included."""
+    complete = v.router.complete_for_tenant
+    gc.collect()
+    cpu = time.process_time()
+    for _ in range(n):
+        await complete(tenant, MESSAGES)
+    tracker = v.router.usage_tracker
+    assert tracker is not None
+    await tracker.flush(timeout=30)
+    if v.tracer_provider is not None:
+        v.tracer_provider.force_flush()
+    return (time.process_time() - cpu) / n
+
+
+async def amain(args: argparse.Namespace) -> None:
+    pin = _common.pin_self(0) if _common.can_pin(0) else "not pinned"
+    print("llm-gateway observability overhead benchmark")
+    print(_common.environment(VERSIONS))
+    print(f"pinning: this process {pin}")
+    answer = await recorded_answer()
+    spool = tempfile.mkdtemp(prefix="llmgw-bench-spool-")
+    os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
+    async with _common.scratch_database(args.dsn, DB_NAME, keep=args.keep_db) as dsn:
+        tenant = await seed(dsn)
+        variants = [await make(name, dsn, answer) for name in VARIANTS]
+        try:
+            for v in variants:  # warm-up: config cached, pools open, label children made
+                await slice_cpu(v, tenant, min(200, args.requests))
+            figures: dict[str, list[float]] = {v.name: [] for v in variants}
+            for r in range(args.repeats):
+                order = variants[r % len(variants) :] + variants[: r % len(variants)]
+                for v in order:
+                    figures[v.name].append(await slice_cpu(v, tenant, args.requests) * 1e6)
+            base = statistics.median(figures["off"])
+            rows = []
+            for v in variants:
+                xs = figures[v.name]
+                med = statistics.median(xs)
+                rows.append(
+                    (
+                        v.name,
+                        f"{med:.1f}",
+                        f"{min(xs):.1f}..{max(xs):.1f}",
+                        f"{(med / base - 1) * 100:+.1f} %",
+                    )
+                )
+            _common.print_table(
+                f"CPU per request at concurrency 1 ({args.requests} requests x {args.repeats}"
+                " repeats, canned provider, usage rows written)",
+                ("variant", "median us", "spread (min..max)", "vs off"),
+                rows,
+            )
+            for v in variants:
+                if v.exporter is not None:
+                    assert v.exporter is not None
+                    print(f"{v.name}: {v.provider.traced} requests carried a traceparent,"
+                          f" {v.exporter.spans} spans exported")  # fmt: skip
+                if v.registry is not None:
+                    print(f"{v.name}: scrape is {len(generate_latest(v.registry))} bytes")
+        finally:
+            for v in variants:
+                await v.router.close()
+                if v.tracer_provider is not None:
+                    v.tracer_provider.shutdown()
+    print(f"\n{_common.load_average()}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--dsn", default=_common.DEFAULT_ADMIN_DSN, help="admin DSN")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per slice")
+    parser.add_argument("--repeats", type=int, default=7, help="slices per variant (median)")
+    parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
+    asyncio.run(amain(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
