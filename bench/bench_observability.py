@@ -54,7 +54,7 @@ import _common  # bench/ is not a package: found through sys.path
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from llm_gateway.keys import ApiKey
 from llm_gateway.migrate import apply_migrations
@@ -128,7 +128,7 @@ async def seed(dsn: str) -> uuid.UUID:
     try:
         await conn.execute(
             "INSERT INTO tenants (id, name, llm_tokens, inference_config)"
-            " VALUES ($1, 'bench', '{\"llm7\": \"bench-key\"}', '{\"preferred_provider\": \"llm7\"}')",
+            " VALUES ($1, 'bench', '{}', '{\"preferred_provider\": \"llm7\"}')",
             tid,
         )
     finally:
@@ -146,7 +146,10 @@ class Variant:
         self.registry: CollectorRegistry | None = None
 
 
-async def make(name: str, dsn: str, answer: tuple[bytes, Any]) -> Variant:
+async def make(
+    name: str, dsn: str, answer: tuple[bytes, Any], base_url: str | None = None
+) -> Variant:
+    """A started router of variant ``name``: canned provider, or the simulator at ``base_url``."""
     options: dict[str, Any] = {}
     registry = tracer_provider = exporter = None
     if name in ("metrics", "both"):
@@ -157,12 +160,13 @@ async def make(name: str, dsn: str, answer: tuple[bytes, Any]) -> Variant:
         tracer_provider = TracerProvider(sampler=sampler)
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         options["tracer_provider"] = tracer_provider
-    settings = provider_settings("llm7", "http://127.0.0.1:9/v1")
+    settings = provider_settings("llm7", base_url or "http://127.0.0.1:9/v1", api_key="bench-key")
     router = TenantLLMRouter(dsn, providers={"llm7": settings}, **options)
-    real = router._providers["llm7"]
     canned = CannedProvider("llm7", *answer)
-    router._providers["llm7"] = canned  # type: ignore[assignment]
-    await real.aclose()
+    if base_url is None:
+        real = router._providers["llm7"]
+        router._providers["llm7"] = canned  # type: ignore[assignment]
+        await real.aclose()
     await router.start()
     v = Variant(name, router, canned)
     v.registry, v.tracer_provider, v.exporter = registry, tracer_provider, exporter
@@ -194,47 +198,60 @@ async def amain(args: argparse.Namespace) -> None:
     os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
     async with _common.scratch_database(args.dsn, DB_NAME, keep=args.keep_db) as dsn:
         tenant = await seed(dsn)
-        variants = [await make(name, dsn, answer) for name in VARIANTS]
-        try:
-            for v in variants:  # warm-up: config cached, pools open, label children made
-                await slice_cpu(v, tenant, min(200, args.requests))
-            figures: dict[str, list[float]] = {v.name: [] for v in variants}
-            for r in range(args.repeats):
-                order = variants[r % len(variants) :] + variants[: r % len(variants)]
-                for v in order:
-                    figures[v.name].append(await slice_cpu(v, tenant, args.requests) * 1e6)
-            base = statistics.median(figures["off"])
-            rows = []
-            for v in variants:
-                xs = figures[v.name]
-                med = statistics.median(xs)
-                rows.append(
-                    (
-                        v.name,
-                        f"{med:.1f}",
-                        f"{min(xs):.1f}..{max(xs):.1f}",
-                        f"{(med / base - 1) * 100:+.1f} %",
-                    )
+        await measure(
+            args, "canned provider", [await make(n, dsn, answer) for n in VARIANTS], tenant
+        )
+        if not args.skip_http:
+            with _common.simulator("llm7", cpu=1) as sim:
+                variants = [await make(n, dsn, answer, sim.base_url) for n in VARIANTS]
+                await measure(
+                    args, f"over HTTP to the simulator ({sim.base_url})", variants, tenant
                 )
-            _common.print_table(
-                f"CPU per request at concurrency 1 ({args.requests} requests x {args.repeats}"
-                " repeats, canned provider, usage rows written)",
-                ("variant", "median us", "spread (min..max)", "vs off"),
-                rows,
-            )
-            for v in variants:
-                if v.exporter is not None:
-                    assert v.exporter is not None
-                    print(f"{v.name}: {v.provider.traced} requests carried a traceparent,"
-                          f" {v.exporter.spans} spans exported")  # fmt: skip
-                if v.registry is not None:
-                    print(f"{v.name}: scrape is {len(generate_latest(v.registry))} bytes")
-        finally:
-            for v in variants:
-                await v.router.close()
-                if v.tracer_provider is not None:
-                    v.tracer_provider.shutdown()
     print(f"\n{_common.load_average()}")
+
+
+async def measure(
+    args: argparse.Namespace, what: str, variants: list[Variant], tenant: uuid.UUID
+) -> None:
+    """Interleaved slices of every variant; prints the table and closes the routers."""
+    try:
+        for v in variants:  # warm-up: config cached, pools open, counters made
+            await slice_cpu(v, tenant, min(200, args.requests))
+        figures: dict[str, list[float]] = {v.name: [] for v in variants}
+        for r in range(args.repeats):
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for v in order:
+                figures[v.name].append(await slice_cpu(v, tenant, args.requests) * 1e6)
+        base = statistics.median(figures["off"])
+        rows = []
+        for v in variants:
+            xs = figures[v.name]
+            med = statistics.median(xs)
+            rows.append(
+                (
+                    v.name,
+                    f"{med:.1f}",
+                    f"{min(xs):.1f}..{max(xs):.1f}",
+                    f"{med - base:+.1f}",
+                    f"{(med / base - 1) * 100:+.1f} %",
+                )
+            )
+        _common.print_table(
+            f"CPU per request, {what}, concurrency 1 ({args.requests} requests x"
+            f" {args.repeats} repeats, usage rows written)",
+            ("variant", "median us", "spread (min..max)", "+us vs off", "vs off"),
+            rows,
+        )
+        for v in variants:
+            if v.exporter is not None:
+                print(f"{v.name}: {v.exporter.spans} spans exported")
+            if v.name != "off" and v.provider.traced:
+                print(f"{v.name}: {v.provider.traced} canned requests carried a traceparent")
+    finally:
+        for v in variants:
+            await v.router.close()
+            if v.tracer_provider is not None:
+                v.tracer_provider.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -242,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dsn", default=_common.DEFAULT_ADMIN_DSN, help="admin DSN")
     parser.add_argument("--requests", type=int, default=2000, help="requests per slice")
     parser.add_argument("--repeats", type=int, default=7, help="slices per variant (median)")
+    parser.add_argument("--skip-http", action="store_true", help="canned provider only")
     parser.add_argument("--keep-db", action="store_true", help="do not drop the database")
     asyncio.run(amain(parser.parse_args(argv)))
 

@@ -54,7 +54,9 @@ def scrape(registry: CollectorRegistry) -> dict[str, list[tuple[dict[str, str], 
     return samples
 
 
-def value(samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+def value(
+    samples: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str
+) -> float:
     """The one sample of ``name`` with exactly ``labels`` (0 when there is none)."""
     found = [v for lab, v in samples.get(name, []) if lab == labels]
     assert len(found) <= 1, (name, labels, found)
@@ -74,7 +76,9 @@ async def test_metrics_count_a_known_sequence(
     capped = await make_tenant(
         pg, inference_config={**chain, "user_limits": {"requests_per_minute": 1}}
     )
-    revoked = await make_tenant(pg, llm_tokens={"groq": "gsk-revoked-secret"}, inference_config=chain)
+    revoked = await make_tenant(
+        pg, llm_tokens={"groq": "gsk-revoked-secret"}, inference_config=chain
+    )
     groq.key_behaviours["gsk-revoked-secret"] = "401"
     registry = CollectorRegistry()
     async with TenantLLMRouter(pg_dsn, providers=providers(groq, llm7), metrics=registry) as router:
@@ -159,8 +163,7 @@ async def test_metrics_count_a_known_sequence(
     assert value(s, "llm_gateway_usage_spooled_rows") == 0
     assert value(s, "llm_gateway_usage_rejected_rows_total") == 0
     assert (
-        value(s, "llm_gateway_quota_refusals_total", scope="user", limit="requests_per_minute")
-        == 1
+        value(s, "llm_gateway_quota_refusals_total", scope="user", limit="requests_per_minute") == 1
     )
     text = generate_latest(registry).decode()
     assert "secret" not in text and str(a) not in text  # no key, no tenant id by default
@@ -215,7 +218,9 @@ async def test_enable_turns_metrics_on_for_later_routers(
     async with TenantLLMRouter(pg_dsn, providers=providers(groq, llm7)) as router:
         await router.complete_for_tenant(t, MSG)  # made after disable(): not counted
     assert value(scrape(registry), "llm_gateway_requests_total", outcome="success") == 1
-    assert value(scrape(registry), "llm_gateway_attempt_duration_seconds_count", provider="groq") == 1
+    assert (
+        value(scrape(registry), "llm_gateway_attempt_duration_seconds_count", provider="groq") == 1
+    )
 
 
 # --- the dashboard ---------------------------------------------------------------------------
@@ -246,9 +251,7 @@ async def test_grafana_dashboard_uses_only_exported_names(
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
     text = generate_latest(registry).decode()
     exported = {
-        f.name + suffix
-        for f in text_string_to_metric_families(text)
-        for suffix in suffixes[f.type]
+        f.name + suffix for f in text_string_to_metric_families(text) for suffix in suffixes[f.type]
     }
     assert set(scrape(registry)) - {n for n in scrape(registry) if n.endswith("_created")} <= (
         exported

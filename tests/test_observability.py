@@ -76,7 +76,9 @@ async def test_logs_one_line_per_failover_and_none_per_success(
         }
         assert failover.next == "llm7"  # type: ignore[attr-defined]
         # The failed attempt itself is a DEBUG line, with the same fields.
-        debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.name == "llm_gateway"]
+        debug = [
+            r for r in caplog.records if r.levelno == logging.DEBUG and r.name == "llm_gateway"
+        ]
         assert any(getattr(r, "request_id", None) == str(result.request_id) for r in debug)
         assert not any(k in everything(caplog.records) for k in KEYS)
 
@@ -129,7 +131,7 @@ async def test_a_failed_request_logs_one_line(
     sims: tuple[SimulatedProvider, SimulatedProvider],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    groq, llm7 = sims
+    groq, _llm7 = sims
     t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
     caplog.set_level(logging.DEBUG, logger="llm_gateway")
     async with TenantLLMRouter(

@@ -116,7 +116,7 @@ async def test_request_and_attempt_spans_of_a_failover(
     # Each provider request carried its own attempt's context.
     for sim, span in ((groq, failed), (llm7, served)):
         [sent] = [q for q in sim.requests if q.path.endswith("/chat/completions")]
-        version, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
+        _version, trace_id, span_id, _flags = sent.headers["traceparent"].split("-")
         assert (int(trace_id, 16), int(span_id, 16)) == (
             span.context.trace_id,
             span.context.span_id,
@@ -133,7 +133,7 @@ async def test_a_failed_request_is_an_error_span_and_streams_end_their_span(
     sims: tuple[SimulatedProvider, SimulatedProvider],
     exporter: tuple[TracerProvider, InMemorySpanExporter],
 ) -> None:
-    groq, llm7 = sims
+    groq, _llm7 = sims
     tracer_provider, memory = exporter
     t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
     async with TenantLLMRouter(
