@@ -203,3 +203,26 @@ async def test_tracing_true_uses_the_global_provider(
         "llm_gateway.chat",
         "chat llama-3.3-70b-versatile",
     }
+
+
+async def test_sampled_out_requests_still_propagate_their_context(
+    pg_dsn: str, pg: asyncpg.Connection, sims: tuple[SimulatedProvider, SimulatedProvider]
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    groq, llm7 = sims
+    memory = InMemorySpanExporter()
+    tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(memory))
+    t = await make_tenant(
+        pg, inference_config={"preferred_provider": "groq", "fallback_order": ["llm7"]}
+    )
+    async with TenantLLMRouter(
+        pg_dsn, providers=providers(groq, llm7), tracer_provider=tracer_provider
+    ) as router:
+        groq.script("500")
+        await router.complete_for_tenant(t, MSG)
+    assert memory.get_finished_spans() == ()
+    sent = [q.headers["traceparent"] for q in (*groq.requests, *llm7.requests)]
+    assert len(sent) == 2 and sent[0] == sent[1]  # the request's own context, not sampled
+    assert int(sent[0].rsplit("-", 1)[1], 16) & 1 == 0  # the sampled flag is off
