@@ -251,7 +251,8 @@ _COLUMNS: Final = ("Requests", "Input tokens", "Output tokens", "Cost (USD)", "E
 
 
 def _table(grouping: Grouping, rows: Sequence[ReportRow]) -> str:
-    places = _places(max((r.cost_usd for r in rows), default=Decimal(0)))
+    # Enough decimals for the smallest cost, so that none shows as zero.
+    places = _places(min((r.cost_usd for r in rows if r.cost_usd > 0), default=Decimal(1)))
     head = "".join(f'<th scope="col" class="num">{c}</th>' for c in _COLUMNS)
     body = [
         f'<tr><th scope="row">{escape(r.key or "(none)")}</th><td>{r.requests:,}</td>'
