@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from llm_gateway.cli import main
-from usage.analytics.html import CSP, HtmlReport, render_html
+from usage.analytics.html import CSP, DailyCost, HtmlReport, render_html
 from usage.analytics.report import ReportRow
 
 TENANT = uuid.uuid4()
@@ -155,6 +155,19 @@ def test_rows_render_with_totals() -> None:
     assert total is not None and "0.75" in total[1] and ">4<" in total[1]
 
 
+def test_more_series_than_colours_fold_the_smallest_into_other() -> None:
+    now = datetime(2026, 1, 10, tzinfo=UTC)
+    day = now.date()
+    points = tuple(
+        DailyCost(day, f"p/m{i}", Decimal(100 - i), 1) for i in range(9)
+    )  # m0 costs most
+    rows = (ReportRow("p/m0", 9, 9, 9, Decimal(864), 0),)
+    text = render_html(HtmlReport("t", now, now, points, points, (("model", rows),)))
+    names = re.findall(r'<span class="name">([^<]*)</span><span class="num">\$([\d.,]+)', text)
+    assert [n for n, _ in names[:7]] == [*(f"p/m{i}" for i in range(6)), "other"]
+    assert names[6][1] == f"{sum(100 - i for i in range(6, 9)):.2f}"
+
+
 # --- the page in a real browser --------------------------------------------------------------
 
 
@@ -236,7 +249,8 @@ return [...document.querySelectorAll('figure svg')].map(svg => {
       name: g.dataset.series,
       bars: [...g.querySelectorAll('rect')].map(r => {
         const b = r.getBoundingClientRect();
-        return {day: r.dataset.day, width: b.width, height: b.height};
+        return {day: r.dataset.day, width: b.width, height: b.height,
+                tip: r.querySelector('title').textContent};
       }),
     })),
     legend: [...svg.closest('figure').querySelectorAll('.legend li .name')]
@@ -267,6 +281,7 @@ def test_charts_render_one_stacked_bar_per_day_scaled_to_cost(
         assert {b["day"] for b in series["bars"]} == days_with_cost
         for bar in series["bars"]:
             assert bar["width"] > 5 and bar["height"] > 0.5
+            assert bar["tip"].startswith(f"{bar['day']} · {series['name']}: $")
             heights[bar["day"]] += bar["height"]
     top = max(sum(per.values()) for per in expected.values())
     tallest = max(heights.values())

@@ -346,7 +346,7 @@ def render_html(report: HtmlReport) -> str:
     first = report.since.astimezone(UTC).date()
     last = max(report.generated_at.astimezone(UTC).date(), first)
     by_provider = next((rows for g, rows in report.tables if g == "provider"), None)
-    summary_rows = by_provider if by_provider is not None else report.tables[0][1]
+    summary_rows = by_provider or (report.tables[0][1] if report.tables else ())
     has_cost = any(p.cost_usd > 0 for p in report.cost_by_provider)
     if has_cost:
         charts = _chart("cost-provider", "provider", report.cost_by_provider, first, last)
