@@ -155,7 +155,7 @@ def test_rows_render_with_totals() -> None:
     assert total is not None and "0.75" in total[1] and ">4<" in total[1]
 
 
-def test_more_series_than_colours_fold_the_smallest_into_other() -> None:
+def test_more_series_than_colours_fold_the_smallest_into_the_rest() -> None:
     now = datetime(2026, 1, 10, tzinfo=UTC)
     day = now.date()
     points = tuple(
@@ -164,7 +164,7 @@ def test_more_series_than_colours_fold_the_smallest_into_other() -> None:
     rows = (ReportRow("p/m0", 9, 9, 9, Decimal(864), 0),)
     text = render_html(HtmlReport("t", now, now, points, points, (("model", rows),)))
     names = re.findall(r'<span class="name">([^<]*)</span><span class="num">\$([\d.,]+)', text)
-    assert [n for n, _ in names[:7]] == [*(f"p/m{i}" for i in range(6)), "other"]
+    assert [n for n, _ in names[:7]] == [*(f"p/m{i}" for i in range(6)), "(the rest)"]
     assert names[6][1] == f"{sum(100 - i for i in range(6, 9)):.2f}"
 
 

@@ -35,6 +35,7 @@ CSP: Final = "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; fo
 # Paul Tol's "bright" scheme: distinct for the common colour-vision deficiencies.
 _PALETTE: Final = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377")
 _OTHER_COLOUR: Final = "#BBBBBB"
+_OTHER: Final = "(the rest)"  # parentheses: no provider or model is named so
 _W, _H = 1000, 300  # chart viewBox
 _LEFT, _RIGHT, _TOP, _BOTTOM = 76, 12, 14, 34
 _DAY_SQL: Final = "((hour AT TIME ZONE 'UTC')::date)"
@@ -147,9 +148,9 @@ def _money(value: Decimal | float, places: int) -> str:
     return f"${value:,.{places}f}"
 
 
-def _places(largest: Decimal | float) -> int:
-    """Decimals that show a column's values: cents for dollars, more for fractions of a cent."""
-    return 2 if largest >= 1 else 4 if largest >= Decimal("0.01") else 6
+def _places(value: Decimal) -> int:
+    """Decimals that show ``value``: cents from a dollar up, more for fractions of a cent."""
+    return 2 if value >= 1 else 4 if value >= Decimal("0.01") else 6
 
 
 def _ticks(top: float) -> tuple[float, list[float], int]:
@@ -171,9 +172,9 @@ def _chart(ident: str, what: str, series: Sequence[DailyCost], first: date, last
     ranked = [k for k, v in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])) if v > 0]
     shown = ranked if len(ranked) <= len(_PALETTE) + 1 else ranked[: len(_PALETTE)]
     colour = {k: _PALETTE[i % len(_PALETTE)] for i, k in enumerate(shown)}
-    group = {k: (k if k in colour else "other") for k in ranked}
-    colour.setdefault("other", _OTHER_COLOUR)
-    names = [*shown, *(["other"] if len(shown) < len(ranked) else [])]
+    group = {k: (k if k in colour else _OTHER) for k in ranked}
+    colour[_OTHER] = _OTHER_COLOUR
+    names = [*shown, *([_OTHER] if len(shown) < len(ranked) else [])]
     cells: dict[tuple[date, str], tuple[Decimal, int]] = defaultdict(lambda: (Decimal(0), 0))
     for p in series:
         if p.key in group:
