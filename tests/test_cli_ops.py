@@ -9,15 +9,18 @@ captured), and as a process where the exit code of a failure is the point.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import socket
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 from llm_gateway.cli import main
@@ -288,6 +291,61 @@ def test_health_completion_probe_sees_failing_completions(
     assert rows["openai"]["status"] == "up" and rows["openai"]["probe"] == "completion"
     assert rows["llm7"]["status"] == "down" and "ServerError" in rows["llm7"]["error"]
     assert SYSTEM_KEY not in out + err
+
+
+@pytest.fixture
+def no_models_endpoint(simulators: dict[str, str]) -> Iterator[str]:
+    """A server without ``GET /models`` (404) whose completions are the simulator's: a
+    forwarding front of the real simulator process, as some self-hosted servers are."""
+    upstream = simulators["ok"]
+
+    class Front(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            answer = httpx.post(
+                upstream + self.path.removeprefix("/v1"),
+                content=body,
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            )
+            self.send_response(answer.status_code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer.content)))
+            self.end_headers()
+            self.wfile.write(answer.content)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Front)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_health_falls_back_to_a_completion_where_models_is_not_served(
+    env: None,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_models_endpoint: str,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", no_models_endpoint)
+    monkeypatch.setenv("OPENAI_API_KEY", SYSTEM_KEY)
+    code, out, err = cli(capsys, "health", "--format", "json")
+    assert code == 0, (out, err)
+    rows = {r["provider"]: r for r in json.loads(out)["providers"]}
+    assert rows["openai"]["status"] == "up" and rows["openai"]["probe"] == "completion"
+    code, out, err = cli(capsys, "health", "--probe", "models", "--format", "json")
+    assert code == 1
+    rows = {r["provider"]: r for r in json.loads(out)["providers"]}
+    assert rows["openai"]["error"] == "HTTP 404 Not Found"
 
 
 def test_health_without_any_key_exits_1(env: None, capsys: pytest.CaptureFixture[str]) -> None:
