@@ -25,6 +25,9 @@ import pytest
 
 from llm_gateway.cli import main
 from llm_gateway.keys import Fingerprinter
+from llm_gateway.migrate import apply_migrations
+from llm_gateway.secrets import KeyRing, generate_entry
+from llm_gateway.tenant_keys import set_tenant_keys
 from tests.conftest import make_tenant
 from tests.test_cli import ENV, ROOT, _command, assert_one_line_error, empty_dsn, run
 
@@ -114,6 +117,17 @@ def test_tenants_list_json_and_table(
         inference_config={"preferred_provider": "Groq", "budget": {"max_usd": 5}},
     )
     bad = tenant(pg_dsn, name="broken", inference_config={"preferred_models": {"nope": "m"}})
+    sealed = tenant(pg_dsn, name="sealed")
+    ring = KeyRing.parse(generate_entry())
+
+    async def seal() -> None:
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await set_tenant_keys(conn, ring, sealed, {"groq": TENANT_KEY})
+        finally:
+            await conn.close()
+
+    asyncio.run(seal())  # encrypted under a ring this command does not have
     code, out, err = cli(capsys, "tenants", "list", "--format", "json")
     assert code == 0, err
     rows = {t["id"]: t for t in json.loads(out)["tenants"]}
@@ -128,6 +142,8 @@ def test_tenants_list_json_and_table(
     }
     assert rows[str(bad)]["config_error"].startswith("inference_config.preferred_models.nope")
     assert rows[str(bad)]["governance"] == [] and rows[str(bad)]["providers"] == []
+    assert rows[str(sealed)]["providers"] == ["groq"]
+    assert rows[str(sealed)]["config_error"] is None  # listed, not decrypted
     assert TENANT_KEY not in out + err
 
     code, out, err = cli(capsys, "tenants", "list")
@@ -155,7 +171,7 @@ def test_tenants_show_is_the_validated_config_with_fingerprints_only(
     code, out, err = cli(capsys, "tenants", "show", str(tid), "--format", "json")
     assert code == 0, err
     view = json.loads(out)
-    assert view["tenant_id"] == str(tid) and view["name"] == "shown"
+    assert view["tenant_id"] == str(tid) and view["name"] == "shown" and view["found"] is True
     assert view["keys"] == {"openai": fingerprint(TENANT_KEY)}
     providers = view["providers"]
     assert providers["openai"]["key_source"] == "tenant"
@@ -233,6 +249,9 @@ def test_health_all_up_exits_0(
 ) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", simulators["ok"])
     monkeypatch.setenv("OPENAI_API_KEY", SYSTEM_KEY)
+    monkeypatch.setenv("LOCAL_LLM_BASE_URL", simulators["ok"])  # a keyless local server
+    # Without --tenant the database is not needed: an unreachable one changes nothing.
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/postgres")
     code, out, err = cli(capsys, "health", "--format", "json")
     assert code == 0, (out, err)
     report = json.loads(out)
@@ -241,6 +260,7 @@ def test_health_all_up_exits_0(
     assert rows["openai"]["status"] == "up" and rows["openai"]["probe"] == "models"
     assert rows["openai"]["key_source"] == "system" and rows["openai"]["error"] is None
     assert rows["openai"]["latency_ms"] >= 0
+    assert rows["local"]["status"] == "up" and rows["local"]["key_source"] == "none"
     assert rows["groq"]["status"] == "skipped" and rows["groq"]["error"] == "no key configured"
     assert SYSTEM_KEY not in out + err
 
@@ -404,6 +424,31 @@ def test_db_status_pending_migrations_exit_1(
     assert report["spool"]["exists"] is False  # and not created by looking
     code, out, _ = cli(capsys, "db", "status", "--dsn", empty_dsn)
     assert code == 1 and "pending migrations: [1, 2" in out
+
+
+def test_db_status_reports_changed_and_unknown_migrations(
+    env: None, capsys: pytest.CaptureFixture[str], empty_dsn: str
+) -> None:
+    async def arrange() -> None:
+        await apply_migrations(empty_dsn)
+        conn = await asyncpg.connect(empty_dsn)
+        try:
+            await conn.execute(
+                "UPDATE llm_gateway_migrations SET checksum = 'edited' WHERE version = 3"
+            )
+            await conn.execute(
+                "INSERT INTO llm_gateway_migrations (version, name, checksum)"
+                " VALUES (999, 'from_the_future', 'x')"
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(arrange())
+    code, out, err = cli(capsys, "db", "status", "--dsn", empty_dsn, "--format", "json")
+    assert code == 0, err  # nothing pending: a changed or newer migration is reported only
+    states = {m["version"]: m["state"] for m in json.loads(out)["migrations"]}
+    assert states[3] == "changed" and states[999] == "unknown" and states[1] == "applied"
+    assert json.loads(out)["migrations"][-1]["name"] == "from_the_future"
 
 
 def test_db_status_unreachable_database_is_one_line_exit_1() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "CHECK_EPILOG",
     "EPILOG",
     "EXIT_FAILED",
     "EXIT_OK",
@@ -34,6 +35,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2  # argparse's own code for a bad command line
 
 EPILOG = "Exit codes: 0 ok, 1 runtime error, 2 usage error."
+CHECK_EPILOG = "Exit codes: 0 ok, 1 a check failed or runtime error, 2 usage error."
 
 
 def port(text: str) -> int:

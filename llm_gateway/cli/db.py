@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import EPILOG, EXIT_FAILED, EXIT_OK, add_format, print_json, print_table
+from ._common import CHECK_EPILOG, EPILOG, EXIT_FAILED, EXIT_OK, add_format, print_json, print_table
 
 if TYPE_CHECKING:
     import asyncpg
@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
         " partitions of model_usage_stats (range, row estimate, size), when the usage rollup"
         " was last refreshed and how long ago, and the rows waiting in this machine's usage"
         " spool. Exits 1 when migrations are pending or the database cannot be reached.",
-        epilog=EPILOG,
+        epilog=CHECK_EPILOG,
     )
     status.add_argument("--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})")
     status.add_argument(

@@ -17,7 +17,15 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import EPILOG, EXIT_FAILED, EXIT_OK, add_format, nonnegative, print_json, print_table
+from ._common import (
+    CHECK_EPILOG,
+    EXIT_FAILED,
+    EXIT_OK,
+    add_format,
+    nonnegative,
+    print_json,
+    print_table,
+)
 
 if TYPE_CHECKING:
     from ..keys import ApiKey
@@ -38,7 +46,7 @@ def register(sub: Any) -> None:
         " where /models is not served. Prints provider, base URL, key source, status (up,"
         " down, skipped: no key), latency and error. Exits 1 when any probed provider is"
         " down, or when none has a key.",
-        epilog=EPILOG,
+        epilog=CHECK_EPILOG,
     )
     health.add_argument("--tenant", metavar="TENANT_ID", help="also probe this tenant's keys")
     health.add_argument(
