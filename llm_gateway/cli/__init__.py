@@ -1,6 +1,7 @@
 """The ``llm-gateway`` command tree; each command lives in a module of this package.
 
-Exit codes: 0 ok, 1 runtime error (one ``llm-gateway: ...`` line on stderr), 2 usage error.
+Exit codes: 0 ok, 1 runtime error (one ``llm-gateway: ...`` line on stderr) or a failed check
+(``health``, ``db status``), 2 usage error.
 Commands import what they need when they run, so ``--help`` and ``--version`` do not load
 the provider SDKs.
 """
