@@ -8,8 +8,6 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
-
 from .admission import Admission, Governor, QuotaPlan
 from .config import Governance, Rates
 from .errors import QuotaExceededError
@@ -25,6 +23,7 @@ __all__ = ["DEFAULT_MAX_TOKENS", "QuotaGate", "estimate_input_tokens"]
 # A request without max_tokens reserves this many output tokens (its worst case for budgets).
 DEFAULT_MAX_TOKENS = 1024
 _NO_SPECS: tuple[LimitSpec, ...] = ()
+_MAX_USERS = 100_000  # user specs cached per plan; past it the cache starts over
 
 
 def estimate_input_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -47,9 +46,6 @@ class QuotaGate:
     def __init__(self, governor: Governor, default: Governance | None) -> None:
         self.governor = governor
         self.default = default
-        self._users: LRUCache[tuple[uuid.UUID, str], tuple[object, tuple[LimitSpec, ...]]] = (
-            LRUCache(maxsize=100_000)
-        )
 
     def plan(self, config: TenantConfig) -> QuotaPlan | None:
         """The quota plan of a tenant's config merged over the router's default (per load)."""
@@ -72,15 +68,15 @@ class QuotaGate:
     def _user_specs(
         self, plan: QuotaPlan, tenant: uuid.UUID, user: str | None
     ) -> tuple[LimitSpec, ...]:
-        gov = plan.governance
-        if user is None or gov is None or gov.user_limits is None:
+        if user is None:
             return _NO_SPECS
-        key = (tenant, user)
-        cached = self._users.get(key)
-        if cached is not None and cached[0] is plan:
-            return cached[1]
-        specs = user_specs(tenant, gov, user)
-        self._users[key] = (plan, specs)
+        specs = plan.users.get(user)  # cached with the plan: dropped when the config reloads
+        if specs is None:
+            gov = plan.governance
+            specs = _NO_SPECS if gov is None else user_specs(tenant, gov, user)
+            if len(plan.users) >= _MAX_USERS:
+                plan.users.clear()
+            plan.users[user] = specs
         return specs
 
     async def admit(
@@ -94,13 +90,20 @@ class QuotaGate:
         ledger: RequestLedger,
     ) -> Admission:
         """Admit the request on ``chain`` or record its refusal and raise it."""
-        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
+        max_tokens = params.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = params.get("max_completion_tokens")
         tokens_out = (
-            max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else (DEFAULT_MAX_TOKENS)
+            max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else DEFAULT_MAX_TOKENS
         )
         specs = self._user_specs(plan, tenant, user)
+        governor = self.governor
+        admission = governor.admit_now(plan, specs, chain, tokens_in, tokens_out)
+        if admission is not None:  # the cached path: no await, no I/O
+            ledger.on_cost = self._charger(admission)
+            return admission
         try:
-            admission = await self.governor.admit(plan, specs, chain, tokens_in, tokens_out)
+            admission = await governor.admit(plan, specs, chain, tokens_in, tokens_out)
         except QuotaExceededError as refusal:
             first = chain[0]
             ledger.record(
