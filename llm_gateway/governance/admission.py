@@ -13,17 +13,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from .alerts import AlertSink, check_alerts
-from .errors import BudgetExceededError, QuotaExceededError
 from .leases import LeaseBook, LeaseClient
 from .ledger import Lease
 from .limits import LimitSpec
 from .plan import SYSTEM_BIT, Draw, QuotaPlan, build_draw
+from .shortage import Entry, Short, refusal, shortage, steering
 
-__all__ = ["Admission", "Governor", "QuotaPlan"]
+__all__ = ["Admission", "Entry", "Governor", "QuotaPlan"]
 
 log = logging.getLogger("llm_gateway.governance")
 
@@ -33,17 +33,6 @@ OnDbError = Literal["open", "closed"]
 SHORT_BACKOFF = 0.02
 RENEW_ROUNDS = 16  # renewals one request may wait on before it is refused
 _ROOM = 1.0 - 1e-12  # a request slot fits when this much is free (float noise)
-
-
-class Entry(Protocol):
-    """What admission reads of a chain entry (``chain.ChainEntry`` has it)."""
-
-    @property
-    def provider(self) -> str: ...
-    @property
-    def key_source(self) -> str: ...
-    @property
-    def price_per_m(self) -> tuple[float, float] | None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -58,18 +47,6 @@ class Admission:
     epoch: float  # when (a rate's bucket)
     excluded: dict[str, str]  # provider -> why a quota removed it from the chain
     settled: bool = False
-
-
-def _entry_cost(entry: Entry, tokens_in: int, tokens_out: int) -> float | None:
-    price = entry.price_per_m
-    if price is None:
-        return None
-    return (tokens_in * price[0] + tokens_out * price[1]) / 1e6
-
-
-def _worst(entries: Iterable[Entry], tokens_in: int, tokens_out: int) -> float:
-    costs = [_entry_cost(e, tokens_in, tokens_out) for e in entries]
-    return max((c for c in costs if c is not None), default=0.0)
 
 
 class Governor:
@@ -142,22 +119,7 @@ class Governor:
     ) -> dict[str, str]:
         """Providers a quota would remove from ``entries`` now, with why (for ``explain``;
         from what this process holds, no I/O, nothing taken)."""
-        epoch = self.wall()
-        tokens = float(tokens_in + tokens_out)
-        excluded: dict[str, str] = {}
-        for provider, specs in plan.providers.items():
-            if any(e.provider == provider for e in entries):
-                short = self._short(specs, tokens, epoch, {})
-                if short is not None:
-                    excluded[provider] = f"provider quota: {short.limit} reached"
-        system_entries = [e for e in entries if e.key_source == "system"]
-        if plan.system and system_entries:
-            worst = _worst(system_entries, tokens_in, tokens_out)
-            short = self._short(plan.system, tokens, epoch, {}, worst)
-            if short is not None:
-                for e in system_entries:
-                    excluded.setdefault(e.provider, f"system key quota: {short.limit} reached")
-        return excluded
+        return steering(self.book, plan, entries, tokens_in, tokens_out, self.wall())
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -240,7 +202,7 @@ class Governor:
             # of a lease that had enough before (a few rounds, then it is refused).
             needs = {
                 k: a
-                for k, a in result[1].items()
+                for k, a in result.needs.items()
                 if now - self._leases[k].short_at >= SHORT_BACKOFF
             }
             if not needs or now < book.db_down_until:
@@ -254,7 +216,7 @@ class Governor:
             # PostgreSQL is failing and this process's share is spent: serve (counted, logged).
             self.opened += 1
             return Admission(list(entries), None, 0.0, 0.0, 0.0, 0.0, {})
-        raise self._refusal(result[0], result[2])
+        raise self._refusal(result)
 
     def _try_admit(
         self,
@@ -265,68 +227,28 @@ class Governor:
         tokens_out: int,
         *,
         final: bool,
-    ) -> Admission | tuple[LimitSpec, dict[str, float], str]:
-        """An admission, or the limit that refuses (with what renewing would need).
-
-        Before a renewal (``final=False``) any shortage is only reported; after it, quotas
-        that steer remove entries and a spent budget falls back to free or cheapest models.
-        """
+    ) -> Admission | Short:
+        """The full path: an admission, or the limit that refuses (see ``shortage``)."""
         epoch = self.wall()
-        tokens = float(tokens_in + tokens_out)
-        allowed = list(entries)
-        needs: dict[str, float] = {}
-        excluded: dict[str, str] = {}
-        steer: tuple[LimitSpec, str] | None = None
-        first: LimitSpec | None = None  # the first limit short of room
-        for provider, specs in plan.providers.items():
-            if not any(e.provider == provider for e in allowed):
-                continue
-            short = self._short(specs, tokens, epoch, needs)
-            first = first or short
-            if short is not None and final:
-                allowed = [e for e in allowed if e.provider != provider]
-                excluded[provider] = f"provider quota: {short.limit} reached"
-                steer = steer or (short, excluded[provider])
-        system_entries = [e for e in allowed if e.key_source == "system"]
-        if plan.system and system_entries:
-            worst = _worst(system_entries, tokens_in, tokens_out)
-            short = self._short(plan.system, tokens, epoch, needs, worst)
-            first = first or short
-            if short is not None and final:
-                allowed = [e for e in allowed if e.key_source != "system"]
-                reason = f"system key quota: {short.limit} reached"
-                for e in system_entries:
-                    excluded.setdefault(e.provider, reason)
-                steer = (short, reason)
-        whole = (*plan.whole, *user_specs)
-        budgets = [s for s in whole if s.kind == "budget"]
-        if budgets and not plan.allow_unpriced:
-            priced = [e for e in allowed if e.price_per_m is not None]
-            if not priced and allowed:
-                return budgets[0], needs, "no model with a known price (see budget.allow_unpriced)"
-            allowed = priced
-        cost = _worst(allowed, tokens_in, tokens_out)
-        short = self._short(whole, tokens, epoch, needs, cost)
-        first = first or short
-        if first is not None and not final:
-            return first, needs, ""
-        if short is not None and short.kind == "budget":
-            allowed, cost = self._within_budget(plan, whole, allowed, tokens_in, tokens_out, epoch)
-            short = self._short(whole, tokens, epoch, {}, cost) if allowed else short
-        if short is not None:
-            return short, needs, ""
-        if not allowed:
-            if steer is None:
-                raise ValueError("admission needs at least one chain entry")
-            return steer[0], needs, steer[1]
+        found = shortage(
+            self.book, plan, user_specs, entries, tokens_in, tokens_out, epoch, final=final
+        )
+        if isinstance(found, Short):
+            return found
+        allowed = found.entries
         mask = SYSTEM_BIT if any(e.key_source == "system" for e in allowed) else 0
         for e in allowed:
             mask |= plan.bits.get(e.provider, 0)
         draw = plan.draws.get((user_specs[0].user_id if user_specs else None, mask))
         if draw is None or epoch >= draw.valid_until or draw.owner is not self:
             draw = build_draw(plan, user_specs, mask, self.book.lease, epoch, self)
-        sys_cost = _worst((e for e in allowed if e.key_source == "system"), tokens_in, tokens_out)
-        return self._take(draw, allowed, tokens, cost, sys_cost, epoch, excluded)
+        tokens = float(tokens_in + tokens_out)
+        return self._take(draw, allowed, tokens, found.cost, found.sys_cost, epoch, found.excluded)
+
+    def _refusal(self, short: Short) -> Exception:
+        self.refusals += 1
+        at = datetime.fromtimestamp(self.wall(), UTC)
+        return refusal(self.book, short.spec, short.detail, at, self.alerts)
 
     def _take(
         self,
@@ -360,86 +282,6 @@ class Governor:
                 lease.free -= sys_cost
                 lease.taken += sys_cost
         return Admission(allowed, draw, tokens, cost, sys_cost, epoch, excluded)
-
-    def _short(
-        self,
-        specs: Iterable[LimitSpec],
-        tokens: float,
-        epoch: float,
-        needs: dict[str, float],
-        budget_cost: float = 0.0,
-    ) -> LimitSpec | None:
-        """The first spec without room for the request (noting what it needs), or ``None``."""
-        first = None
-        lease_of = self.book.lease
-        for spec in specs:
-            if spec.kind == "budget":
-                amount = budget_cost
-            else:
-                amount = tokens if spec.counts_tokens else 1.0
-            if amount <= 0.0:
-                continue  # a free model spends nothing: budgets do not govern it
-            if lease_of(spec, epoch).free + 1e-12 < amount:
-                needs[spec.key] = amount
-                first = first or spec
-        return first
-
-    def _within_budget(
-        self,
-        plan: QuotaPlan,
-        whole: Sequence[LimitSpec],
-        entries: list[Any],
-        tokens_in: int,
-        tokens_out: int,
-        epoch: float,
-    ) -> tuple[list[Any], float]:
-        """With the budget spent: free models only, or (``cheapest``) the cheapest that fit."""
-        lease_of = self.book.lease
-        room = min((lease_of(s, epoch).free for s in whole if s.kind == "budget"), default=0.0)
-        costs = [(_entry_cost(e, tokens_in, tokens_out) or 0.0, e) for e in entries]
-        free = [e for c, e in costs if c == 0.0]
-        if plan.on_exhausted == "cheapest":
-            fitting = sorted(
-                ((c, i, e) for i, (c, e) in enumerate(costs) if c <= room),
-                key=lambda t: (t[0], t[1]),
-            )
-            if fitting:
-                cheapest = fitting[0][0]
-                kept = [e for c, _, e in fitting if c == cheapest]
-                return kept, cheapest
-        return free, 0.0
-
-    def _refusal(self, spec: LimitSpec, detail: str) -> QuotaExceededError:
-        self.refusals += 1
-        at = datetime.fromtimestamp(self.wall(), UTC)
-        lease = self.lease(spec, at)
-        if spec.kind == "budget" and spec.alert_at:
-            spent = lease.committed + lease.written + lease.pending
-            check_alerts(self.alerts, lease, spent, refused=True)
-        if spec.kind == "budget":
-            bounds = lease.bounds or spec.bounds(at)
-            retry_after = max(0.0, (bounds.end - at).total_seconds())
-            resets_at = bounds.end
-            cls: type[QuotaExceededError] = BudgetExceededError
-        else:
-            oldest = lease.oldest
-            horizon = spec.window_s + spec.bucket_s
-            retry_after = (
-                spec.bucket_s
-                if oldest is None
-                else max(spec.bucket_s, oldest + horizon - at.timestamp())
-            )
-            resets_at = at + timedelta(seconds=retry_after)
-            cls = QuotaExceededError
-        return cls(
-            scope=spec.scope,
-            limit=spec.limit,
-            used=lease.used(),
-            allowed=spec.allowed,
-            retry_after=retry_after,
-            resets_at=resets_at,
-            detail=detail,
-        )
 
     # --- settling ----------------------------------------------------------------------------
 
