@@ -242,6 +242,13 @@ class TenantLLMRouter:
                 self._fingerprint = await deployment_fingerprinter(
                     self._pool, self._fingerprint_key
                 )
+            if not self._owns_tracker:
+                # No tracker of ours loads model_prices into this book, yet budgets price
+                # the chain with it (shipped prices stay if the table cannot be read).
+                try:
+                    await self._prices.refresh(self._pool)
+                except Exception as exc:
+                    log.warning("could not load model_prices: %s", type(exc).__name__)
             if self._listener is not None:
                 # Bounded and never fatal: while it is down, the cache TTL bounds staleness.
                 self._listener.start()
