@@ -298,9 +298,7 @@ async def test_a_router_without_usage_rows_prices_its_budgets_from_model_prices(
         },
     )
     book = PriceBook()  # shipped prices only, until someone loads the table into it
-    router = TenantLLMRouter(
-        pg_dsn, providers=providers(sims), record_usage=False, price_book=book
-    )
+    router = TenantLLMRouter(pg_dsn, providers=providers(sims), record_usage=False, price_book=book)
     async with router:
         result = await router.complete_for_tenant(t, MSG, max_tokens=20)
         assert result.provider == "llm7" and result.cost is not None and result.cost > 0
