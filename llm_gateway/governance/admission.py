@@ -20,7 +20,7 @@ from .alerts import AlertSink, check_alerts
 from .leases import LeaseBook, LeaseClient
 from .ledger import Lease
 from .limits import LimitSpec
-from .plan import SYSTEM_BIT, Draw, QuotaPlan, build_draw
+from .plan import SYSTEM_BIT, Draw, QuotaPlan, build_draw, find_draw
 from .shortage import Entry, Short, refusal, shortage, steering
 
 __all__ = ["Admission", "Entry", "Governor", "QuotaPlan"]
@@ -153,8 +153,13 @@ class Governor:
             if system and c > sys_cost:
                 sys_cost = c
         epoch = self.wall()
-        draw = plan.draws.get((user_specs[0].user_id if user_specs else None, mask))
-        if draw is None or epoch >= draw.valid_until or draw.owner is not self:
+        draw = plan.draws.get((id(user_specs), mask))  # find_draw, inlined (the hot path)
+        if (
+            draw is None
+            or epoch >= draw.valid_until
+            or draw.owner is not self
+            or draw.specs is not user_specs
+        ):
             draw = build_draw(plan, user_specs, mask, self.book.lease, epoch, self)
         if unpriced and draw.costs and not plan.allow_unpriced:
             return None  # a budget drops unpriced entries (or refuses): the full path
@@ -239,9 +244,7 @@ class Governor:
         mask = SYSTEM_BIT if any(e.key_source == "system" for e in allowed) else 0
         for e in allowed:
             mask |= plan.bits.get(e.provider, 0)
-        draw = plan.draws.get((user_specs[0].user_id if user_specs else None, mask))
-        if draw is None or epoch >= draw.valid_until or draw.owner is not self:
-            draw = build_draw(plan, user_specs, mask, self.book.lease, epoch, self)
+        draw = find_draw(plan, user_specs, mask, self.book.lease, epoch, self)
         tokens = float(tokens_in + tokens_out)
         return self._take(draw, allowed, tokens, found.cost, found.sys_cost, epoch, found.excluded)
 

@@ -103,7 +103,8 @@ class AlertSink:
 
 def check_alerts(sink: AlertSink | None, lease: Lease, spent: float, refused: bool = False) -> None:
     """Fire each threshold of a budget lease the spend reached (1.0 also on the first refusal),
-    once per period in this process (the ``budget_events`` key makes it once everywhere)."""
+    once per period in this process (the ``budget_events`` key makes it once everywhere).
+    A virtual key's alert (scope ``"key"``) carries the key's id as its ``user_id``."""
     spec, bounds = lease.spec, lease.bounds
     if sink is None or bounds is None or spec.allowed <= 0:
         return
@@ -114,7 +115,7 @@ def check_alerts(sink: AlertSink | None, lease: Lease, spent: float, refused: bo
             sink.fire(
                 tenant_id=spec.tenant_id,
                 scope=spec.scope,
-                user_id=spec.user_id,
+                user_id=spec.user_id if spec.key_id is None else spec.key_id,
                 period_start=bounds.start,
                 threshold=threshold,
                 spent_usd=spent,

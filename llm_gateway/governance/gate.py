@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from .admission import Admission, Governor, QuotaPlan
 from .config import Governance, Rates
 from .errors import QuotaExceededError
-from .limits import LimitSpec, tenant_specs, user_specs
+from .keys import KeyQuota
+from .limits import LimitSpec, key_specs, tenant_specs, user_specs
 
 if TYPE_CHECKING:
     from ..attempts import RequestLedger
@@ -46,6 +47,18 @@ class QuotaGate:
     def __init__(self, governor: Governor, default: Governance | None) -> None:
         self.governor = governor
         self.default = default
+        # Tenants without limits of their own, whose requests carry a key quota: an empty
+        # plan each (it holds the key's specs and draws).
+        self._bare: dict[uuid.UUID, QuotaPlan] = {}
+
+    def bare(self, tenant: uuid.UUID) -> QuotaPlan:
+        """The empty plan of a tenant that sets no limits (for its keys' quotas)."""
+        plan = self._bare.get(tenant)
+        if plan is None:
+            if len(self._bare) >= _MAX_USERS:
+                self._bare.clear()
+            plan = self._bare[tenant] = QuotaPlan()
+        return plan
 
     def plan(self, config: TenantConfig) -> QuotaPlan | None:
         """The quota plan of a tenant's config merged over the router's default (per load)."""
@@ -79,6 +92,23 @@ class QuotaGate:
             plan.users[user] = specs
         return specs
 
+    def _specs(
+        self, plan: QuotaPlan, tenant: uuid.UUID, user: str | None, quota: KeyQuota | None
+    ) -> tuple[LimitSpec, ...]:
+        """The user's specs, then the key's (validated once per key and limits)."""
+        specs = self._user_specs(plan, tenant, user)
+        if quota is None:
+            return specs
+        index = (user, quota.key_id)
+        cached = plan.keyed.get(index)
+        if cached is not None and cached[0] == quota.limits:
+            return cached[1]
+        specs = (*specs, *key_specs(tenant, quota.key_id, quota.parsed()))
+        if len(plan.keyed) >= _MAX_USERS:
+            plan.keyed.clear()
+        plan.keyed[index] = (dict(quota.limits), specs)
+        return specs
+
     async def admit(
         self,
         plan: QuotaPlan,
@@ -88,15 +118,19 @@ class QuotaGate:
         tokens_in: int,
         params: Mapping[str, Any],
         ledger: RequestLedger,
+        key_quota: KeyQuota | None = None,
     ) -> Admission:
-        """Admit the request on ``chain`` or record its refusal and raise it."""
+        """Admit the request on ``chain`` or record its refusal and raise it.
+
+        ``key_quota``: the limits of the virtual key the request came with (scope ``"key"``).
+        """
         max_tokens = params.get("max_tokens")
         if max_tokens is None:
             max_tokens = params.get("max_completion_tokens")
         tokens_out = (
             max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else DEFAULT_MAX_TOKENS
         )
-        specs = self._user_specs(plan, tenant, user)
+        specs = self._specs(plan, tenant, user, key_quota)
         governor = self.governor
         admission = governor.admit_now(plan, specs, chain, tokens_in, tokens_out)
         if admission is not None:  # the cached path: no await, no I/O

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .config import Governance
 from .ledger import Lease
 from .limits import LimitSpec
 
-__all__ = ["SYSTEM_BIT", "Draw", "QuotaPlan", "build_draw"]
+__all__ = ["SYSTEM_BIT", "Draw", "QuotaPlan", "build_draw", "find_draw"]
 
 SYSTEM_BIT = 1  # a draw's mask: the chain holds a system-key entry; higher bits: providers
 _MAX_DRAWS = 10_000  # per plan (users x chain shapes); past it the cache starts over
@@ -32,12 +32,16 @@ class QuotaPlan:
     allow_unpriced: bool = False
     on_exhausted: Literal["refuse", "cheapest"] = "refuse"
     governance: Governance | None = None  # the merged sections (user_limits are per user)
-    # Derived, per plan: each provider quota's mask bit, draws by (user, mask), user specs.
+    # Derived, per plan: each provider quota's mask bit; draws by (id of the request's
+    # user/key specs, mask); user specs by user; user + key specs by (user, key id).
     bits: dict[str, int] = field(init=False, compare=False, repr=False)
-    draws: dict[tuple[str | None, int], Draw] = field(
+    draws: dict[tuple[int, int], Draw] = field(
         init=False, compare=False, repr=False, default_factory=dict
     )
     users: dict[str, tuple[LimitSpec, ...]] = field(
+        init=False, compare=False, repr=False, default_factory=dict
+    )
+    keyed: dict[tuple[str | None, str], tuple[dict[str, Any], tuple[LimitSpec, ...]]] = field(
         init=False, compare=False, repr=False, default_factory=dict
     )
 
@@ -68,7 +72,28 @@ class Draw:
     budgets: tuple[Lease, ...]  # costs + sys_costs
     valid_until: float  # epoch: a budget period ends (its lease is replaced)
     owner: object  # whose leases these are (a plan shared by two governors: tests)
+    specs: Sequence[LimitSpec]  # the user/key specs it was built for (keyed by their id)
     second: int = -1  # the wall-clock second of the last roll (see Lease.roll)
+
+
+def find_draw(
+    plan: QuotaPlan,
+    user_specs: Sequence[LimitSpec],
+    mask: int,
+    lease: Callable[[LimitSpec, float], Lease],
+    epoch: float,
+    owner: object,
+) -> Draw:
+    """The cached draw (still of the current budget periods, of ``owner``), or a new one."""
+    draw = plan.draws.get((id(user_specs), mask))
+    if (
+        draw is None
+        or epoch >= draw.valid_until
+        or draw.owner is not owner
+        or draw.specs is not user_specs
+    ):
+        draw = build_draw(plan, user_specs, mask, lease, epoch, owner)
+    return draw
 
 
 def build_draw(
@@ -103,9 +128,9 @@ def build_draw(
         budgets=costs + sys_costs,
         valid_until=min((x.ends_at for x in costs + system), default=math.inf),
         owner=owner,
+        specs=user_specs,
     )
     if len(plan.draws) >= _MAX_DRAWS:
         plan.draws.clear()
-    user = user_specs[0].user_id if user_specs else None
-    plan.draws[(user, mask)] = draw
+    plan.draws[(id(user_specs), mask)] = draw
     return draw
