@@ -38,9 +38,9 @@ async def _tenant(pg: asyncpg.Connection, **config: Any) -> uuid.UUID:
     )
 
 
-def _router(dsn: str, sim: SimulatedProvider) -> TenantLLMRouter:
+def _router(dsn: str, sim: SimulatedProvider, **kw: Any) -> TenantLLMRouter:
     settings = {"llm7": provider_settings("llm7", sim.base_url, api_key="sys-l")}
-    return TenantLLMRouter(dsn, providers=settings)
+    return TenantLLMRouter(dsn, providers=settings, **kw)
 
 
 async def _rows(pg: asyncpg.Connection, tenant: uuid.UUID) -> list[asyncpg.Record]:
@@ -89,10 +89,11 @@ async def test_a_keys_budget_is_shared_by_every_router_through_the_spend_counter
     """Key A spends its budget in one router; a second router (another holder, as another
     process is) refuses A from what the usage rows counted, and still serves key B."""
     t = await _tenant(pg, limits={"requests_per_minute": 1000})
-    a = KeyQuota(str(uuid.uuid4()), {"max_usd": 0.05, "period": "1d"})
+    a = KeyQuota(str(uuid.uuid4()), {"max_usd": 0.05, "period": "1d", "alert_at": [0.5, 1.0]})
     b = KeyQuota(str(uuid.uuid4()), {"max_usd": 0.05, "period": "1d"})
     served = 0
-    async with _router(pg_dsn, sim) as first:
+    events: list[dict[str, Any]] = []
+    async with _router(pg_dsn, sim, on_budget_event=events.append) as first:
         with pytest.raises(BudgetExceededError) as info:
             for _ in range(20):
                 await first.complete_for_tenant(t, MSG, max_tokens=20, key_quota=a)
@@ -100,6 +101,11 @@ async def test_a_keys_budget_is_shared_by_every_router_through_the_spend_counter
                 served += 1
         assert (info.value.scope, info.value.limit) == ("key", "max_usd")
     assert served >= 2
+    # The key's alerts: scope "key", the key's id as user_id (0.5, then 1.0 on refusal).
+    assert {(e["scope"], e["user_id"], e["threshold"]) for e in events} == {
+        ("key", a.key_id, 0.5),
+        ("key", a.key_id, 1.0),
+    }
     spent = await pg.fetchval(
         "SELECT sum(estimated_cost_usd) FROM model_usage_stats WHERE virtual_key_id = $1",
         a.key_id,

@@ -3,13 +3,10 @@
 -- through the same leases (see llm_gateway/governance/keys.py).
 
 -- Which virtual key made the request (NULL: none). model_usage_stats is partitioned: the
--- column and the index reach every partition, present and future.
+-- column reaches every partition, present and future. No index of its own: a key's spend is
+-- read from the counters below, and from its rows only for a period under an hour, found
+-- through the tenant's (tenant_id, "timestamp") index like a user's.
 ALTER TABLE model_usage_stats ADD COLUMN IF NOT EXISTS virtual_key_id text;
-
--- A key's spend over a period shorter than an hour is read from its rows.
-CREATE INDEX IF NOT EXISTS model_usage_stats_virtual_key
-    ON model_usage_stats (virtual_key_id, "timestamp")
-    WHERE virtual_key_id IS NOT NULL;
 
 -- Spend counters gain one subject per key: 'k:<virtual_key_id>' (next to '' the tenant and
 -- 's' its system-key use). Rows without a key add nothing: the NULL subject is skipped.
