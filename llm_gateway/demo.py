@@ -1,4 +1,5 @@
-"""``llm-gateway demo``: two tenants, three simulated providers, a failover, a usage report.
+"""``llm-gateway demo``: two tenants, three simulated providers, a failover, a usage report,
+and the analytics a newcomer should see (the month's breakdown, a model-switch recommendation).
 
 The demo writes into a database of its own (``llm_gateway_demo``, or ``LLM_GATEWAY_DEMO_DATABASE``)
 on the server named by ``--dsn``, ``DATABASE_URL`` or the local default, creating it if absent.
@@ -12,17 +13,25 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from .dsn import DatabaseConnectError, connect_checked, dsn_source, mask_dsn, with_database
+from .dsn import (
+    DatabaseConnectError,
+    connect_checked,
+    create_pool_checked,
+    dsn_source,
+    mask_dsn,
+    with_database,
+)
 from .embedded import start_embedded
 from .errors import ConfigError, DatabaseError
 from .migrate import apply_migrations
-from .providers import provider_settings
+from .providers import ProviderSettings, provider_settings
 from .router import TenantLLMRouter
 from .simulator import SimulatedProvider
 from .types import CompletionResult
@@ -39,6 +48,13 @@ SELECT provider, model_name, status, key_source, COUNT(*) AS attempts,
 FROM model_usage_stats WHERE tenant_id = $1 AND timestamp >= NOW() - INTERVAL '24 hours'
 GROUP BY provider, model_name, status, key_source ORDER BY provider, status
 """
+# Globex's requests: a document to summarise (about 600 tokens), sent to gpt-4o, so that the
+# analytics find a real saving in a cheaper model Globex can use.
+DOCUMENT = " ".join(
+    f"Day {day}: the checkout service answered {900 + day * 37} requests a minute at peak;"
+    f" p95 latency was {180 + day * 11} ms and {day % 3} deploys went out without incident."
+    for day in range(1, 21)
+)
 COLUMNS = [
     "provider",
     "model_name",
@@ -167,6 +183,73 @@ async def _make_tenant(conn: asyncpg.Connection, name: str, tokens: str, config:
     return tid
 
 
+async def _analytics(
+    dsn: str,
+    check: str,
+    started: datetime,
+    providers: dict[str, ProviderSettings],
+    tenants: dict[str, uuid.UUID],
+) -> None:
+    """The demo's ending: each tenant's month by provider and model, and the best switch."""
+    from usage.analytics.candidates import tenant_candidates
+    from usage.analytics.monthly import get_monthly_usage
+    from usage.analytics.recommend import Recommendation, recommend_models
+    from usage.pricing import default_price_book
+
+    pool = await create_pool_checked(dsn, check=check, min_size=1, max_size=2)
+    try:
+        # Maintenance refreshes the rollups every few minutes; the demo cannot wait for it.
+        await pool.execute(
+            "SELECT llm_gateway_refresh_usage_hourly($1, $2)",
+            started - timedelta(hours=1),
+            datetime.now(UTC) + timedelta(hours=1),
+        )
+        prices = default_price_book()
+        await prices.refresh(pool)
+        best: list[tuple[str, Recommendation]] = []
+        for label, tenant in tenants.items():
+            month = await get_monthly_usage(pool, tenant, started.date())
+            print(
+                f"\nMonthly usage of {label}, {month.month:%Y-%m} (usage.analytics: per provider"
+                " and model; errors are attempts that did not succeed):"
+            )
+            rows = [
+                {"provider/model": f"{m.provider}/{m.model_name}", "requests": m.requests,
+                 "tokens_in": m.input_tokens, "tokens_out": m.output_tokens,
+                 "cost_usd": m.cost_usd, "errors": m.errors}
+                for m in month.by_model
+            ]  # fmt: skip
+            rows.append(
+                {"provider/model": "total", "requests": month.requests,
+                 "tokens_in": month.input_tokens, "tokens_out": month.output_tokens,
+                 "cost_usd": month.cost_usd, "errors": month.errors}
+            )  # fmt: skip
+            print(_table(rows, list(rows[0])))
+            candidates = await tenant_candidates(pool, tenant, providers)
+            _, recs = await recommend_models(pool, prices, tenant, candidates)
+            best.extend((label, r) for r in recs)
+    finally:
+        await pool.close()
+    print("\nModel-switch recommendation (usage.analytics, from the last 30 days of the ledger):")
+    if not best:
+        print("    none: no cheaper priced model that the tenants can use fits their traffic")
+        return
+    # The largest exact saving (the list's order is by the saving rounded to cents).
+    label, rec = max(best, key=lambda f: f[1].current.cost_usd - f[1].projected_cost_usd)
+    cur = rec.current
+    basis = {"tenant": f"{label}'s own", "all_tenants": "all tenants'", "none": "no data yet"}
+    rate = "" if rec.success_rate is None else f" {rec.success_rate:.0%},"
+    print(
+        f"    {label} {cur.endpoint or '(no endpoint)'}: switch {cur.provider}/{cur.model_name}"
+        f" -> {rec.provider}/{rec.model}\n"
+        f"    its tokens (in={cur.input_tokens} out={cur.output_tokens}) cost"
+        f" ${cur.cost_usd:.6f} on {cur.model_name}, would cost ${rec.projected_cost_usd:.6f}"
+        f" on {rec.model}: ${rec.monthly_saving_usd} saved a month at this traffic\n"
+        f"    success rate of {rec.model}:{rate} {basis[rec.success_basis]}; context window"
+        f" {rec.context_window:,} tokens holds its largest request ({cur.max_tokens} tokens)"
+    )
+
+
 async def run_demo(dsn: str | None = None) -> int:
     """Run the demo against ``dsn`` (else ``DATABASE_URL``, the default, an embedded server)."""
     name = _demo_database_name()
@@ -178,7 +261,7 @@ async def run_demo(dsn: str | None = None) -> int:
 
     groq = SimulatedProvider(name="groq-sim", model="llama-3.3-70b-versatile")
     openrouter = SimulatedProvider(name="openrouter-sim", fail_with="503")
-    llm7 = SimulatedProvider(name="llm7-sim", model="gpt-4o-mini")
+    llm7 = SimulatedProvider(name="llm7-sim")  # answers as the model asked for
     async with groq, openrouter, llm7:
         providers = {
             "groq": provider_settings("groq", groq.root_url, api_key="gsk-SYSTEM-demo-key"),
@@ -203,21 +286,26 @@ async def run_demo(dsn: str | None = None) -> int:
                 conn,
                 "Globex (demo)",
                 "{}",
-                '{"preferred_provider": "llm7", "auto_failover": true}',
+                '{"preferred_provider": "llm7", "auto_failover": true,'
+                ' "preferred_models": {"llm7": "gpt-4o"}}',
             )
         finally:
             await conn.close()
         print("\nTenants:")
         print(f"    Acme    {acme}  own keys for openrouter and groq, prefers openrouter")
-        print(f"    Globex  {globex}  no keys of its own, prefers llm7")
+        print(f"    Globex  {globex}  no keys of its own, prefers llm7 (gpt-4o)")
 
         print("\nRequests (tokens in/out, cost in USD, latency of the whole request in ms):")
+        started = datetime.now(UTC)
         async with TenantLLMRouter(demo_dsn, providers=providers) as router:
             for tenant, label in ((acme, "Acme"), (globex, "Globex")):
                 for i in range(3):
+                    text = f"Hello from {label}, request {i + 1}"
+                    if tenant == globex:
+                        text = f"Summarise this report for Globex (request {i + 1}): {DOCUMENT}"
                     result = await router.complete_for_tenant(
                         tenant,
-                        [{"role": "user", "content": f"Hello from {label}, request {i + 1}"}],
+                        [{"role": "user", "content": text}],
                         endpoint="/demo/chat",
                         user_id=f"{label.lower()}-user",
                     )
@@ -230,7 +318,10 @@ async def run_demo(dsn: str | None = None) -> int:
                     )
                     for note in _why(result, label):
                         print(f"            {note}")
-                    print(f"            answer: {result.content!r}")
+                    answer = result.content or ""
+                    if len(answer) > 72:
+                        answer = answer[:72] + "..."
+                    print(f"            answer: {answer!r}")
         # close() above drained the usage writer: every attempt is in PostgreSQL now.
 
         print("\nKeys each simulator received (from the Authorization header):")
@@ -247,6 +338,7 @@ async def run_demo(dsn: str | None = None) -> int:
             print(_table(_usage_rows(await conn.fetch(USAGE_QUERY, tenant)), COLUMNS))
     finally:
         await conn.close()
+    await _analytics(demo_dsn, db.check, started, providers, {"Acme": acme, "Globex": globex})
     print()
     if db.embedded_data is not None:
         print(

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import tempfile
 import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,7 @@ import pytest
 from llm_gateway.cli import main
 from llm_gateway.embedded import in_container, install_hint, plan_embedded
 from llm_gateway.errors import DatabaseError
+from usage.pricing import default_price_book
 
 from .conftest import ADMIN_DSN
 
@@ -57,41 +59,44 @@ async def _drop_database(name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-def demo_database() -> Iterator[str]:
-    name = f"llmgw_demo_test_{uuid.uuid4().hex[:8]}"
-    try:
-        yield name
-    finally:
-        asyncio.run(_drop_database(name))
-
-
 # --- end to end against the test server ----------------------------------------------------
 
 
-def _tables(output: str) -> list[list[str]]:
-    """The usage tables' lines below each header (data rows, a rule, the total row)."""
+def _tables(output: str, first_column: str = "provider") -> list[list[str]]:
+    """The lines below each header starting with ``first_column`` (data rows, a rule, the
+    total row): ``provider`` the per-attempt usage tables, ``provider/model`` the monthly ones."""
     tables: list[list[str]] = []
     lines = output.splitlines()
     for i, line in enumerate(lines):
-        if line.strip().startswith("provider") and "cost_usd" in line:
+        if line.split()[:1] == [first_column] and "cost_usd" in line:
             body = lines[i + 2 :]
             tables.append(body[: next(j for j, x in enumerate(body) if not x.strip())])
     return tables
 
 
-def test_demo_end_to_end_reports_reasons_units_and_totals(demo_database: str) -> None:
+@pytest.fixture(scope="module")
+def demo_run() -> Iterator[tuple[str, str]]:
+    """The demo run once against the test server: (its database, its output)."""
+    name = f"llmgw_demo_test_{uuid.uuid4().hex[:8]}"
     dsn = _with_password(ADMIN_DSN, "s3cret-demo-pw")
-    proc = subprocess.run(
-        [sys.executable, "-m", "llm_gateway.cli", "demo", "--dsn", dsn],
-        env=_env(LLM_GATEWAY_DEMO_DATABASE=demo_database),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        cwd=REPO,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm_gateway.cli", "demo", "--dsn", dsn],
+            env=_env(LLM_GATEWAY_DEMO_DATABASE=name),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            cwd=REPO,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        yield name, out
+    finally:
+        asyncio.run(_drop_database(name))
+
+
+def test_demo_end_to_end_reports_reasons_units_and_totals(demo_run: tuple[str, str]) -> None:
+    demo_database, out = demo_run
     assert "s3cret-demo-pw" not in out and ":***@" in out
     assert f"database {demo_database}, created" in out
     # Why each request was served as it was.
@@ -116,6 +121,55 @@ def test_demo_end_to_end_reports_reasons_units_and_totals(demo_database: str) ->
             if " error " in row:
                 assert re.search(r"error\s+tenant\s+3\s+0\s+0\s+0\.000000", row), row
     assert f"DROP DATABASE {demo_database};" in out
+
+
+def _rows(table: list[str]) -> tuple[list[list[str]], list[str]]:
+    """A table's data rows and its total row, split into cells."""
+    rule = next(i for i, line in enumerate(table) if set(line.strip()) <= {"-", " "})
+    return [line.split() for line in table[:rule]], table[rule + 1].split()
+
+
+def test_demo_ends_with_the_month_by_model_and_a_recommendation_from_the_ledger(
+    demo_run: tuple[str, str],
+) -> None:
+    _, out = demo_run
+    # The monthly breakdown (from the rollups) agrees with the attempts read from the raw rows.
+    attempts, months = _tables(out), _tables(out, "provider/model")
+    assert len(attempts) == len(months) == 2, out
+    monthly: dict[str, dict[str, list[str]]] = {}
+    for tenant, raw, month in zip(("Acme", "Globex"), attempts, months, strict=True):
+        expected: dict[str, list[Decimal]] = defaultdict(lambda: [Decimal(0)] * 5)
+        for provider, model, status, _key, n, tin, tout, cost, _lat in _rows(raw)[0]:
+            sums = expected[f"{provider}/{model}"]
+            for i, v in enumerate((n, tin, tout, cost, n if status != "success" else 0)):
+                sums[i] += Decimal(v)
+        rows, total = _rows(month)
+        got = {r[0]: [Decimal(v) for v in r[1:]] for r in rows}
+        assert got == expected and len(got) >= 1
+        assert [Decimal(v) for v in total[1:]] == [sum(c) for c in zip(*got.values(), strict=True)]
+        monthly[tenant] = {r[0]: r for r in rows}
+    assert {"groq/llama-3.3-70b-versatile", "openrouter/deepseek/deepseek-r1"} <= set(
+        monthly["Acme"]
+    )
+    assert monthly["Acme"]["openrouter/deepseek/deepseek-r1"][5] == "3"  # its 503s: errors
+    # One recommendation, its figures replayed from the monthly table and the price book.
+    found = re.search(
+        r"^    (Acme|Globex) (\S+): switch (\S+) -> (\S+?)/(\S+)\n"
+        r"    its tokens \(in=(\d+) out=(\d+)\) cost \$([\d.]+) on \S+, would cost \$([\d.]+)"
+        r" on \S+: \$([\d.]+) saved a month",
+        out,
+        re.M,
+    )
+    assert found, out
+    tenant, endpoint, current, provider, model, tin, tout, cost, projected, saving = found.groups()
+    assert endpoint == "/demo/chat" and current != f"{provider}/{model}"
+    row = monthly[tenant][current]
+    assert (tin, tout, cost) == (row[2], row[3], row[4])  # all its attempts succeeded
+    price = default_price_book().lookup(provider, model)
+    assert price is not None
+    replay = (price.input_per_m * int(tin) + price.output_per_m * int(tout)) / 1_000_000
+    assert Decimal(projected) == replay.quantize(Decimal("0.000001"))
+    assert Decimal(saving) == (Decimal(cost) - replay).quantize(Decimal("0.01")) > 0
 
 
 # --- every failure is one line naming its cause and what to check --------------------------

@@ -270,7 +270,11 @@ async def test_no_usable_provider(pg_dsn: str, pg: asyncpg.Connection, sims: Sim
 
 async def test_close_drains_queued_rows(pg_dsn: str, pg: asyncpg.Connection, sims: Sims) -> None:
     tenant = await make_tenant(pg, llm_tokens={"groq": "g"})
-    router = TenantLLMRouter(pg_dsn, providers=sims.providers())
+    # Wide timeouts: this is about draining, and 200 connections on a loaded CI machine can take
+    # longer than the default connect timeout to be accepted.
+    router = TenantLLMRouter(
+        pg_dsn, providers=sims.providers(), connect_timeout=60.0, ttft_timeout=60.0
+    )
     results = await asyncio.gather(*(router.complete_for_tenant(tenant, MSG) for _ in range(200)))
     await router.close()
     rows = await usage_rows(pg, tenant)

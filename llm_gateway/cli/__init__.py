@@ -1,6 +1,7 @@
 """The ``llm-gateway`` command tree; each command lives in a module of this package.
 
-Exit codes: 0 ok, 1 runtime error (one ``llm-gateway: ...`` line on stderr), 2 usage error.
+Exit codes: 0 ok, 1 runtime error (one ``llm-gateway: ...`` line on stderr) or a failed check
+(``health``, ``db status``), 2 usage error.
 Commands import what they need when they run, so ``--help`` and ``--version`` do not load
 the provider SDKs.
 """
@@ -22,7 +23,16 @@ _DESCRIPTION = "Tenant-aware LLM router: database migrations, a simulated provid
 
 # One module per command (group): each has ``register(subparsers)``, which sets ``run``.
 # A new command adds its module here; registering imports nothing heavy.
-COMMANDS: tuple[str, ...] = ("db", "simulate", "demo", "tenants", "keys", "usage", "quota")
+COMMANDS: tuple[str, ...] = (
+    "db",
+    "simulate",
+    "demo",
+    "tenants",
+    "keys",
+    "usage",
+    "quota",
+    "health",
+)
 
 
 class _VersionAction(argparse.Action):

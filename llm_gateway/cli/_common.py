@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "CHECK_EPILOG",
     "EPILOG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "add_format",
     "flushed",
     "fraction",
     "get_or_add_group",
     "nonnegative",
     "port",
+    "print_json",
+    "print_table",
     "quiet_broken_pipe",
 ]
 
+# The codes scripts rely on. 1 covers both "a check failed" (a provider down, migrations
+# pending) and "could not run" (database unreachable, unknown tenant): the message on stderr,
+# or the JSON on stdout, says which.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2  # argparse's own code for a bad command line
+
 EPILOG = "Exit codes: 0 ok, 1 runtime error, 2 usage error."
+CHECK_EPILOG = "Exit codes: 0 ok, 1 a check failed or runtime error, 2 usage error."
 
 
 def port(text: str) -> int:
@@ -78,3 +95,41 @@ def get_or_add_group(sub: Any, name: str, help: str) -> Any:
         action = parser.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
         setattr(parser, _GROUP_ACTION, action)
     return getattr(parser, _GROUP_ACTION)
+
+
+def add_format(parser: argparse.ArgumentParser) -> None:
+    """``--format table|json`` (default table)."""
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output format (table)"
+    )
+
+
+def print_json(value: Any) -> None:
+    """``value`` as indented JSON; datetimes, UUIDs and decimals as strings."""
+    print(json.dumps(value, indent=2, default=str))
+
+
+def print_table(
+    title: str | None,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    right: Sequence[str] = (),
+) -> None:
+    """A rich table on stdout, never cut (as wide as its widest row, also when piped);
+    ``None`` cells are shown as ``-``; columns named in ``right`` are right-aligned."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    cells = [["-" if v is None else str(v) for v in r] for r in rows]
+    # Text, not str: a value such as "[groq] 503" is not rich markup.
+    table = Table(title=None if title is None else Text(title), title_justify="left")
+    for c in columns:
+        table.add_column(c, justify="right" if c in right else "left", no_wrap=True)
+    for r in cells:
+        table.add_row(*map(Text, r))
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    console = Console(highlight=False)
+    console.width = max(console.width, sum(widths) + 3 * len(widths) + 1)
+    console.print(table)

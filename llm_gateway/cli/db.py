@@ -1,13 +1,23 @@
-"""``llm-gateway db migrate``: apply the SQL migrations."""
+"""``llm-gateway db migrate|status``: apply the SQL migrations; report the database's state.
+
+``status`` reads only: applied and pending migrations, the usage partitions, the rollup's
+freshness and this machine's usage spool backlog. It exits 1 when migrations are pending
+(and, like every command, when the database cannot be reached).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import EPILOG
+from ._common import CHECK_EPILOG, EPILOG, EXIT_FAILED, EXIT_OK, add_format, print_json, print_table
+
+if TYPE_CHECKING:
+    import asyncpg
 
 __all__ = ["register"]
 
@@ -25,6 +35,23 @@ def register(sub: Any) -> None:
         "--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})"
     )
     migrate.set_defaults(run=migrate_command)
+    status = db_sub.add_parser(
+        "status",
+        help="migrations, usage partitions, rollup freshness, spool backlog",
+        description="Applied migrations and those of this package not yet applied, the"
+        " partitions of model_usage_stats (range, row estimate, size), when the usage rollup"
+        " was last refreshed and how long ago, and the rows waiting in this machine's usage"
+        " spool. Exits 1 when migrations are pending or the database cannot be reached.",
+        epilog=CHECK_EPILOG,
+    )
+    status.add_argument("--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})")
+    status.add_argument(
+        "--spool-dir",
+        type=Path,
+        help="the usage spool (default: LLM_GATEWAY_SPOOL_DIR, else ~/.cache/llm-gateway/spool)",
+    )
+    add_format(status)
+    status.set_defaults(run=status_command)
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -35,3 +62,193 @@ def migrate_command(args: argparse.Namespace) -> int:
     applied = asyncio.run(apply_migrations(dsn, check=check))
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
     return 0
+
+
+# --- status ----------------------------------------------------------------------------------
+
+_PARTITIONS = """
+SELECT p.partition::text AS name, p.range_from, p.range_to, p.is_default,
+       CASE WHEN c.reltuples < 0 THEN NULL ELSE c.reltuples::bigint END AS row_estimate,
+       pg_total_relation_size(p.partition) AS bytes
+FROM llm_gateway_usage_partitions() p JOIN pg_class c ON c.oid = p.partition
+ORDER BY p.is_default, p.range_from NULLS FIRST
+"""
+_ROLLUP = """
+SELECT max(value) FILTER (WHERE key = 'usage_rollup_refreshed_to') AS refreshed_to,
+       max(updated_at) FILTER (WHERE key = 'usage_rollup_refreshed_to'
+                               AND value IS NOT NULL) AS last_refresh,
+       max(value) FILTER (WHERE key = 'usage_stats_analyzed_at') AS analyzed_at,
+       now() AS now
+FROM llm_gateway_settings
+"""
+
+
+def _iso(value: datetime | str | None) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+async def _migrations(conn: asyncpg.Connection) -> dict[str, Any]:
+    from ..migrate import load_migrations
+
+    shipped = {m.version: m for m in load_migrations()}
+    applied: dict[int, Any] = {}
+    if await conn.fetchval("SELECT to_regclass('llm_gateway_migrations') IS NOT NULL"):
+        rows = await conn.fetch(
+            "SELECT version, name, checksum, applied_at FROM llm_gateway_migrations"
+        )
+        applied = {r["version"]: r for r in rows}
+    listed = []
+    for version in sorted(set(shipped) | set(applied)):
+        row, mine = applied.get(version), shipped.get(version)
+        if row is None:
+            state = "pending"
+        elif mine is None:
+            state = "unknown"  # applied by a newer version of the package
+        else:
+            state = "applied" if row["checksum"] == mine.checksum else "changed"
+        listed.append(
+            {
+                "version": version,
+                "name": row["name"] if row is not None else mine.name if mine else None,
+                "state": state,
+                "applied_at": None if row is None else _iso(row["applied_at"]),
+            }
+        )
+    return {
+        "migrations": listed,
+        "pending": [m["version"] for m in listed if m["state"] == "pending"],
+    }
+
+
+async def _usage(conn: asyncpg.Connection) -> dict[str, Any]:
+    has = await conn.fetchval(
+        "SELECT to_regprocedure('llm_gateway_usage_partitions()') IS NOT NULL"
+        " AND to_regclass('llm_gateway_settings') IS NOT NULL"
+    )
+    if not has:  # before migration 002
+        return {"partitions": [], "rollup": None}
+    partitions = [
+        {**dict(r), "range_from": _iso(r["range_from"]), "range_to": _iso(r["range_to"])}
+        for r in await conn.fetch(_PARTITIONS)
+    ]
+    r = await conn.fetchrow(_ROLLUP)
+    assert r is not None  # an aggregate: always one row
+    last = r["last_refresh"]
+    rollup = {
+        "refreshed_to": r["refreshed_to"],
+        "last_refresh": _iso(last),
+        "lag_seconds": None if last is None else round((r["now"] - last).total_seconds(), 1),
+        "analyzed_at": r["analyzed_at"],
+    }
+    return {"partitions": partitions, "rollup": rollup}
+
+
+def spool_backlog(directory: Path) -> dict[str, Any]:
+    """Files and rows waiting in a usage spool. A missing folder is not created; an existing
+    one is checked (private to this user) as the usage writer checks it before replaying."""
+    from usage.spool import Spool
+
+    found: dict[str, Any] = {
+        "directory": str(directory),
+        "exists": directory.is_dir(),
+        "pending_files": 0,
+        "pending_rows": 0,
+        "oldest": None,
+        "rejected_files": 0,
+        "error": None,
+    }
+    if not found["exists"]:
+        return found
+    try:
+        # Spool checks the folder is private (as a replaying writer would) before reading it.
+        files = Spool(directory).files()
+        rejected = directory / "rejected"
+        found["rejected_files"] = sum(1 for p in rejected.iterdir() if p.is_file())
+    except OSError as exc:
+        found["error"] = str(exc)
+        return found
+    found["pending_files"] = len(files)
+    found["pending_rows"] = sum(f.rows for f in files)
+    if files:  # usage-<time_ns>-...: the name says when it was written
+        written = int(files[0].path.name.split("-")[1]) / 1e9
+        found["oldest"] = datetime.fromtimestamp(written, UTC).isoformat()
+    return found
+
+
+async def database_status(dsn: str, check: str) -> dict[str, Any]:
+    """Migrations, partitions and rollup freshness of the database at ``dsn``."""
+    from ..dsn import connect_checked
+
+    conn = await connect_checked(dsn, check=check)
+    try:
+        return {**await _migrations(conn), **await _usage(conn)}
+    finally:
+        await conn.close()
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1024:
+            return f"{value:g} {unit}"
+        value = round(value / 1024, 1)
+    return f"{value:g} TB"
+
+
+def _print(report: dict[str, Any]) -> None:
+    print_table(
+        "migrations",
+        ("VERSION", "NAME", "STATE", "APPLIED_AT"),
+        [(m["version"], m["name"], m["state"], m["applied_at"]) for m in report["migrations"]],
+        right=("VERSION",),
+    )
+    print_table(
+        "usage partitions (model_usage_stats)",
+        ("PARTITION", "FROM", "TO", "ROWS (EST.)", "SIZE"),
+        [
+            (
+                p["name"],
+                "DEFAULT" if p["is_default"] else p["range_from"] or "MINVALUE",
+                "" if p["is_default"] else p["range_to"] or "MAXVALUE",
+                p["row_estimate"],
+                _size(p["bytes"]),
+            )
+            for p in report["partitions"]
+        ],
+        right=("ROWS (EST.)", "SIZE"),
+    )
+    rollup = report["rollup"] or {}
+    spool = report["spool"]
+    print_table(
+        "rollup and spool",
+        ("ITEM", "VALUE"),
+        [
+            ("rollup refreshed to", rollup.get("refreshed_to") or "never"),
+            ("rollup last refresh", rollup.get("last_refresh") or "never"),
+            ("rollup lag (s)", rollup.get("lag_seconds")),
+            ("spool directory", spool["directory"] + ("" if spool["exists"] else " (absent)")),
+            ("spool pending files", spool["pending_files"]),
+            ("spool pending rows", spool["pending_rows"]),
+            ("spool oldest file", spool["oldest"]),
+            ("spool rejected files", spool["rejected_files"]),
+            *([("spool error", spool["error"])] if spool["error"] else []),
+        ],
+    )
+    if report["pending"]:
+        print(f"pending migrations: {report['pending']} (run: llm-gateway db migrate)")
+
+
+def status_command(args: argparse.Namespace) -> int:
+    from usage.spool import default_spool_dir
+
+    from ..dsn import dsn_source
+
+    dsn, check = dsn_source(args.dsn)
+    report = asyncio.run(database_status(dsn, check))
+    report["spool"] = spool_backlog(args.spool_dir or default_spool_dir())
+    report["ok"] = not report["pending"]
+    if args.format == "json":
+        print_json(report)
+    else:
+        _print(report)
+    return EXIT_OK if report["ok"] else EXIT_FAILED

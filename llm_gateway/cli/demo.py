@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         "demo",
         help="route requests for two tenants through simulators",
         description="Route requests for two tenants through three simulated providers "
-        "and print the usage report read back from PostgreSQL.",
+        "and print the usage report read back from PostgreSQL, each tenant's month by "
+        "provider and model, and a model-switch recommendation.",
         epilog=EPILOG,
     )
     demo.add_argument(

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_DSN
@@ -81,6 +82,11 @@ def register(sub: Any) -> None:
     report.add_argument(
         "--by", choices=("day", "provider", "model", "user", "endpoint", "tag"), default="day",
         help="grouping (default: day)",
+    )  # fmt: skip
+    report.add_argument(
+        "--html", metavar="FILE",
+        help="also write one self-contained HTML page (charts of cost per day by provider and "
+        "model, then the tables) to FILE",
     )  # fmt: skip
     _common(report)
     report.set_defaults(run=_report)
@@ -208,9 +214,32 @@ def _report(args: argparse.Namespace) -> int:
             [(r.key, r.requests, r.input_tokens, r.output_tokens, r.cost_usd, r.errors)
              for r in rows],
         )  # fmt: skip
+        if args.html is not None:
+            return await _write_html(pool, args)
         return 0
 
     return _with_pool(args, work)
+
+
+async def _write_html(pool: asyncpg.Pool, args: argparse.Namespace) -> int:
+    from usage.analytics.html import build_html_report, render_html
+
+    report = await build_html_report(
+        pool, since=args.since, by=args.by, tenant_id=args.tenant, user_id=args.user
+    )
+    try:
+        await asyncio.to_thread(Path(args.html).write_text, render_html(report), "utf-8")
+    except OSError as exc:
+        print(
+            f"llm-gateway usage report: cannot write {args.html}: {exc.strerror}", file=sys.stderr
+        )
+        return 1
+    # On stderr when stdout carries JSON or CSV for a script.
+    print(
+        f"HTML report written to {args.html}",
+        file=sys.stdout if args.format == "table" else sys.stderr,
+    )
+    return 0
 
 
 def _anomalies(args: argparse.Namespace) -> int:
