@@ -173,7 +173,6 @@ class RequestLedger:
             )
         if self.on_cost is not None and cost:
             self.on_cost(usage_id, cost, entry.key_source == "system")
-        number = len(self.attempts) + 1
         if self.obs is not None:
             self.obs.attempt_ended(
                 entry, outcome, latency, served, input_tokens, output_tokens, cost, error
@@ -188,7 +187,7 @@ class RequestLedger:
                 entry.fingerprint,
                 outcome,
                 type(error).__name__,
-                extra=self.log_fields(entry.provider, number, outcome),
+                extra=self.log_fields(entry.provider, len(self.attempts) + 1, outcome),
             )
         attempt = Attempt(
             provider=entry.provider,
