@@ -22,7 +22,7 @@ _DESCRIPTION = "Tenant-aware LLM router: database migrations, a simulated provid
 
 # One module per command (group): each has ``register(subparsers)``, which sets ``run``.
 # A new command adds its module here; registering imports nothing heavy.
-COMMANDS: tuple[str, ...] = ("db", "simulate", "demo", "tenants", "keys", "usage", "quota")
+COMMANDS: tuple[str, ...] = ("db", "simulate", "demo", "tenants", "keys", "usage", "quota", "serve")
 
 
 class _VersionAction(argparse.Action):
