@@ -117,8 +117,18 @@ async def part_a(
                 # A first admission makes the leases; then one renewal asks for the whole run.
                 first = await gate.admit(plan, tid, USER, chain, tokens_in, params, ledger)
                 gate.release(first, 27)
-                await governor._renew({t.lease.spec.key: t.amount * total for t in first.takes})
-                short = [t.lease.spec.key for t in first.takes if t.lease.room() < t.amount * total]
+                draw = first.draw
+                assert draw is not None
+                per_request = {
+                    **{lease.spec.key: 1.0 for lease in draw.ones},
+                    **{lease.spec.key: first.tokens for lease in draw.toks},
+                    **{lease.spec.key: first.cost for lease in draw.costs},
+                    **{lease.spec.key: first.sys_cost for lease in draw.sys_costs},
+                }
+                await governor._renew({k: a * total for k, a in per_request.items()})
+                short = [
+                    k for k, a in per_request.items() if governor._leases[k].room() < a * total
+                ]
                 if short:
                     raise RuntimeError(f"leases without room for the run: {short}")
             cost = Decimal("0.000027")

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         UnknownProviderError,
     )
     from .governance.errors import BudgetExceededError, QuotaExceededError
+    from .governance.keys import KeyQuota
     from .health import HealthRegistry
     from .keys import ApiKey
     from .migrate import apply_migrations
@@ -92,6 +93,7 @@ _EXPORTS: dict[str, str] = {
     "UnknownProviderError": "errors",
     "BudgetExceededError": "governance.errors",
     "QuotaExceededError": "governance.errors",
+    "KeyQuota": "governance.keys",
     "HealthRegistry": "health",
     "ApiKey": "keys",
     "apply_migrations": "migrate",
@@ -129,6 +131,7 @@ __all__ = [
     "InferenceConfig",
     "InvalidRequestError",
     "InvalidTenantConfigError",
+    "KeyQuota",
     "MalformedResponseError",
     "MidStreamError",
     "NoProviderAvailableError",

@@ -58,6 +58,7 @@ class RequestLedger:
         "tenant_id",
         "tracker",
         "user_id",
+        "virtual_key_id",
     )
 
     def __init__(
@@ -72,8 +73,10 @@ class RequestLedger:
         *,
         session_id: str | None = None,
         tags: list[str] | None = None,
+        virtual_key_id: str | None = None,
     ) -> None:
         self.tenant_id = tenant_id
+        self.virtual_key_id = virtual_key_id  # its rows carry it (a per-key quota)
         self.session_id = session_id  # validated by the router
         self.tags = tags
         self.tracker = tracker
@@ -146,6 +149,7 @@ class RequestLedger:
                 usage_id=usage_id,
                 session_id=self.session_id,
                 tags=self.tags,
+                virtual_key_id=self.virtual_key_id,
             )
             self.tracker.record(row)
             cost = row.estimated_cost_usd

@@ -49,6 +49,7 @@ from .governance.admission import Admission, Governor, OnDbError
 from .governance.alerts import AlertSink, BudgetEventCallback
 from .governance.config import parse_default_limits
 from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
+from .governance.keys import KeyQuota
 from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
@@ -242,6 +243,13 @@ class TenantLLMRouter:
                 self._fingerprint = await deployment_fingerprinter(
                     self._pool, self._fingerprint_key
                 )
+            if not self._owns_tracker:
+                # No tracker of ours loads model_prices into this book, yet budgets price
+                # the chain with it (shipped prices stay if the table cannot be read).
+                try:
+                    await self._prices.refresh(self._pool)
+                except Exception as exc:
+                    log.warning("could not load model_prices: %s", type(exc).__name__)
             if self._listener is not None:
                 # Bounded and never fatal: while it is down, the cache TTL bounds staleness.
                 self._listener.start()
@@ -466,20 +474,26 @@ class TenantLLMRouter:
         row: tuple[
             str, str | None, TaskType, Mapping[str, Any] | None, tuple[str | None, list[str] | None]
         ],
+        key_quota: KeyQuota | None = None,
     ) -> tuple[int, uuid.UUID, TenantRoute, list[ChainEntry], RequestLedger, Admission | None]:
         """Plan a request and admit it: its input-token estimate, tenant id, route, chain (what
         admission allowed), ledger and admission (``None`` without quotas). ``row``: the
-        ledger's endpoint, user, task type, metadata and labels."""
+        ledger's endpoint, user, task type, metadata and labels; ``key_quota``: the limits of
+        the virtual key the request came with (its rows carry the key's id)."""
         tokens_in = (
             estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
         )
         tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
         endpoint, user_id, task_type, metadata, labels = row
         ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
-        if route.quota is None:
+        plan = route.quota
+        if key_quota is not None:
+            ledger.virtual_key_id = key_quota.key_id
+            plan = plan or self._gate.bare(tid)
+        if plan is None:
             return tokens_in, tid, route, chain, ledger, None
         admission = await self._gate.admit(
-            route.quota, tid, user_id, chain, tokens_in, params, ledger
+            plan, tid, user_id, chain, tokens_in, params, ledger, key_quota
         )
         return tokens_in, tid, route, admission.entries, ledger, admission
 
@@ -544,6 +558,7 @@ class TenantLLMRouter:
         model: str | None = None,
         session_id: str | None = None,
         tags: Sequence[str] | None = None,
+        key_quota: KeyQuota | None = None,
         **params: Any,
     ) -> CompletionResult:
         """Complete ``messages`` for a tenant, failing over across its chain.
@@ -552,7 +567,9 @@ class TenantLLMRouter:
         in order) or a concrete model (routed to the tenant's providers that serve it);
         default: the tenant's usual chain. ``params`` go to the provider as they are
         (``temperature``, ``max_tokens``, ``tools``, ...); ``stream`` and the SDK's
-        ``extra_*`` are reserved.
+        ``extra_*`` are reserved. ``key_quota`` (:class:`~llm_gateway.governance.KeyQuota`)
+        adds a virtual key's budget and rate limits (refusals with scope ``"key"``); the
+        request's rows carry its ``virtual_key_id``.
         ``timeout`` is the total deadline in seconds for every attempt together (default: the
         router's). Each attempt that reaches a provider becomes one ``model_usage_stats`` row;
         ``metadata`` is stored in it under ``metadata.caller``. ``session_id`` and ``tags``
@@ -580,7 +597,7 @@ class TenantLLMRouter:
             deadline = started + budget
             tokens_in, tid, route, chain, ledger, admission = await self._begin(
                 tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels),
+                (endpoint, user_id, task_type, metadata, labels), key_quota,
             )  # fmt: skip
             call = CompletionCall(
                 self._providers,
@@ -627,6 +644,7 @@ class TenantLLMRouter:
         model: str | None = None,
         session_id: str | None = None,
         tags: Sequence[str] | None = None,
+        key_quota: KeyQuota | None = None,
         **params: Any,
     ) -> CompletionStream:
         """Stream a completion; same arguments as :meth:`complete_for_tenant`.
@@ -644,7 +662,7 @@ class TenantLLMRouter:
             deadline = started + budget
             tokens_in, tid, route, chain, ledger, admission = await self._begin(
                 tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels),
+                (endpoint, user_id, task_type, metadata, labels), key_quota,
             )  # fmt: skip
             gate, held = self._gate, admission
 

@@ -280,3 +280,28 @@ async def test_limits_govern_model_group_routes_too(
             await router.complete_for_tenant(t, MSG, model="smart")
         with pytest.raises(QuotaExceededError):
             await router.complete_for_tenant(t, MSG, model="gpt-4o-mini")
+
+
+async def test_a_router_without_usage_rows_prices_its_budgets_from_model_prices(
+    pg_dsn: str, pg: asyncpg.Connection, sims: Any, pricey: None
+) -> None:
+    """``record_usage=False`` starts no usage tracker, which is what loaded ``model_prices``: the
+    router loads them itself, so a model priced only there is admitted and charged."""
+    from usage.pricing import PriceBook
+
+    t = await make_tenant(
+        pg,
+        inference_config={
+            "preferred_provider": "llm7",
+            "preferred_models": {"llm7": PRICEY},
+            "budget": {"max_usd": 0.05, "period": "1d"},
+        },
+    )
+    book = PriceBook()  # shipped prices only, until someone loads the table into it
+    router = TenantLLMRouter(pg_dsn, providers=providers(sims), record_usage=False, price_book=book)
+    async with router:
+        result = await router.complete_for_tenant(t, MSG, max_tokens=20)
+        assert result.provider == "llm7" and result.cost is not None and result.cost > 0
+        with pytest.raises(BudgetExceededError):  # about 2 cents a request, within the process
+            for _ in range(10):
+                await router.complete_for_tenant(t, MSG, max_tokens=20)

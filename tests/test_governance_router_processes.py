@@ -19,7 +19,8 @@ from tests.conftest import make_tenant
 PROCESSES = 4
 PRICEY = "pricey-model"
 # A request reserves (about 4 input + 20 output tokens) at $1,000 per million: $0.024 at most.
-WORST = (len("hello there") // 4 + 4 + 1 + 20) * 1000 / 1e6
+WORST_TOKENS = len("hello there") // 4 + 4 + 1 + 20
+WORST = WORST_TOKENS * 1000 / 1e6
 
 
 @pytest.fixture
@@ -122,3 +123,24 @@ async def test_rpm_across_four_router_processes(
     assert len(times) >= 0.95 * rpm
     statements = sum(r["statements"] for r in results)
     assert statements < 400  # leases, not a statement per request
+
+
+async def test_tpm_across_four_router_processes(
+    pg_dsn: str, pg: asyncpg.Connection, sim: SimulatedProvider, tmp_path: Path
+) -> None:
+    """Tokens admitted in one 60 s window stay within tokens_per_minute plus one request's
+    reservation per process (a request reserves its input estimate + max_tokens; it gives back
+    what it did not use when it ends, so the served rows' tokens are what the limit counts)."""
+    tpm = 1500
+    t = await _tenant(pg, limits={"tokens_per_minute": tpm})
+    results = await asyncio.to_thread(_spawn, pg_dsn, sim, t, 100, tmp_path)
+    times = sorted(x for r in results for x in r["served"])
+    assert times[-1] - times[0] < 60  # one window holds them all
+    tokens = await pg.fetchval(
+        "SELECT sum(input_tokens + output_tokens) FROM model_usage_stats"
+        " WHERE tenant_id = $1 AND status = 'success'",
+        t,
+    )
+    assert len(times) * 5 < tokens  # the rows carry real token counts
+    assert 0.5 * tpm <= tokens <= tpm + PROCESSES * WORST_TOKENS
+    assert sum(r["refused"] for r in results) > 0

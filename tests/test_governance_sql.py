@@ -192,3 +192,34 @@ async def test_concurrent_renewals_never_grant_more_than_the_limit(pg_dsn: str) 
     granted = sorted(g[key]["granted"] for g in got)
     assert sum(granted) == 10
     assert granted.count(3) == 3 and granted.count(0) >= 4
+
+
+async def test_a_keys_spend_is_read_from_its_rows_and_counted_per_key(
+    pg: asyncpg.Connection,
+) -> None:
+    """Migration 011: a key's sub-hour budget reads only that key's rows; the counters keep
+    one subject per key next to the tenant's."""
+    from llm_gateway.governance.keys import KeyQuota
+    from llm_gateway.governance.limits import budget_request, key_specs
+
+    tenant = uuid.uuid4()
+    at = datetime(2026, 12, 2, 10, 30, 15, tzinfo=UTC)
+    for key_id, cost in (("ka", "0.100000"), ("ka", "0.050000"), ("kb", "0.200000"), (None, "1")):
+        await pg.execute(
+            "INSERT INTO model_usage_stats (id, tenant_id, provider, model_name, latency_ms,"
+            " estimated_cost_usd, status, timestamp, virtual_key_id)"
+            " VALUES ($1, $2, 'groq', 'm', 5, $3, 'success', $4, $5)",
+            uuid.uuid4(),
+            tenant,
+            Decimal(cost),
+            at,
+            key_id,
+        )
+    (spec,) = key_specs(tenant, "ka", KeyQuota("ka", {"max_usd": 1.0, "period": "1m"}).parsed())
+    request = budget_request(spec, spec.bounds(at), 0.5)
+    assert request["source"] == "rows" and request["virtual_key_id"] == "ka"
+    got = await _renew(pg, uuid.uuid4(), request)
+    assert abs(got[request["key"]]["committed"] - 0.15) < 1e-9
+    assert await _spend(pg, tenant, "k:ka", "h") == Decimal("0.15")
+    assert await _spend(pg, tenant, "k:kb", "d") == Decimal("0.2")
+    assert await _spend(pg, tenant, "", "M") == Decimal("1.35")

@@ -33,6 +33,7 @@ COLUMNS: tuple[str, ...] = (
     "price_known",
     "session_id",
     "tags",
+    "virtual_key_id",
 )
 
 
@@ -69,6 +70,7 @@ class UsageRecord:
     price_known: bool = False
     session_id: str | None = None
     tags: list[str] | None = None
+    virtual_key_id: str | None = None  # the virtual key that made the request (migration 011)
 
     def as_tuple(self) -> tuple[Any, ...]:
         """Values in :data:`COLUMNS` order."""
@@ -96,4 +98,5 @@ class UsageRecord:
             self.price_known,
             self.session_id,
             self.tags,
+            self.virtual_key_id,
         )

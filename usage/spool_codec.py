@@ -135,4 +135,5 @@ def decode_row(o: Any) -> UsageRecord:
         # Absent in spool files written before sessions and tags existed.
         session_id=_opt_str(o.get("session_id")),
         tags=_opt_tags(o.get("tags")),
+        virtual_key_id=_opt_str(o.get("virtual_key_id")),  # absent before migration 011
     )

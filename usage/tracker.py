@@ -194,6 +194,7 @@ class ModelUsageTracker(UsagePipeline):
         usage_id: uuid.UUID | None = None,
         session_id: str | None = None,
         tags: Sequence[str] | None = None,
+        virtual_key_id: str | None = None,
     ) -> UsageRecord:
         """Build a row with a new id and its cost from the price book (no I/O).
 
@@ -247,6 +248,7 @@ class ModelUsageTracker(UsagePipeline):
             price_known=price is not None,
             session_id=session,
             tags=tag_list,
+            virtual_key_id=virtual_key_id,
         )
 
     async def track_request(

@@ -61,7 +61,7 @@ _UPSERT_FROM_STAGE: Final = (
 _PG_TYPES: Final = (
     "uuid", "uuid", "text", "text", "text", "text", "int4", "int4", "int4", "numeric", "text",
     "text", "jsonb", "timestamptz", "uuid", "text", "int2", "text", "numeric", "numeric", "bool",
-    "text", "text",
+    "text", "text", "text",
 )  # fmt: skip
 _TAGS_AT: Final = COLUMNS.index("tags")
 _UNNEST_UPSERT: Final = (

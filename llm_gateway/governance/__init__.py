@@ -1,1 +1,5 @@
-"""Admission control: budgets and rate limits per tenant, end user and system key."""
+"""Admission control: budgets and rate limits per tenant, end user, system key and virtual key."""
+
+from .keys import KeyQuota
+
+__all__ = ["KeyQuota"]

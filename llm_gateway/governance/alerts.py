@@ -8,12 +8,15 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
 
-__all__ = ["AlertSink", "BudgetEventCallback"]
+if TYPE_CHECKING:
+    from .ledger import Lease
+
+__all__ = ["AlertSink", "BudgetEventCallback", "check_alerts"]
 
 log = logging.getLogger("llm_gateway.governance")
 
@@ -96,3 +99,29 @@ class AlertSink:
         """Wait for alerts being fired (at shutdown)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def check_alerts(sink: AlertSink | None, lease: Lease, spent: float, refused: bool = False) -> None:
+    """Fire each threshold of a budget lease the spend reached (1.0 also on the first refusal),
+    once per period in this process (the ``budget_events`` key makes it once everywhere).
+    A virtual key's alert (scope ``"key"``) carries the key's id as its ``user_id``."""
+    spec, bounds = lease.spec, lease.bounds
+    if sink is None or bounds is None or spec.allowed <= 0:
+        return
+    for threshold in spec.alert_at:
+        reached = spent >= threshold * spec.allowed or (refused and threshold == 1.0)
+        if reached and threshold not in lease.alerted:
+            lease.alerted.add(threshold)
+            sink.fire(
+                tenant_id=spec.tenant_id,
+                scope=spec.scope,
+                user_id=spec.user_id if spec.key_id is None else spec.key_id,
+                period_start=bounds.start,
+                threshold=threshold,
+                spent_usd=spent,
+                max_usd=spec.allowed,
+            )
+    lease.alert_floor = min(
+        (t * spec.allowed for t in spec.alert_at if t not in lease.alerted),
+        default=float("inf"),
+    )

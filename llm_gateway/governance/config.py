@@ -16,7 +16,15 @@ from pydantic_core import PydanticCustomError
 
 from .periods import Period
 
-__all__ = ["Budget", "Governance", "Rates", "Spend", "SpendLimits", "parse_default_limits"]
+__all__ = [
+    "Budget",
+    "Governance",
+    "Rates",
+    "Spend",
+    "SpendLimits",
+    "alert_fractions",
+    "parse_default_limits",
+]
 
 _Count = int | None
 
@@ -24,6 +32,16 @@ _Count = int | None
 def _invalid(message: str) -> PydanticCustomError:
     # A custom error type: the message reads as written, without pydantic's "Value error,".
     return PydanticCustomError("governance", "{reason}", {"reason": message})
+
+
+def alert_fractions(value: object) -> tuple[float, ...]:
+    """``alert_at``: a list of fractions in (0, 1], sorted, each once."""
+    if not isinstance(value, list | tuple):
+        raise _invalid("must be a list of fractions such as [0.5, 0.8, 1.0]")
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
+            raise _invalid(f"each threshold must be a number in (0, 1], got {v!r}")
+    return tuple(sorted(set(value)))
 
 
 class Rates(BaseModel):
@@ -80,12 +98,7 @@ class Budget(Spend):
     @field_validator("alert_at", mode="before")
     @classmethod
     def _fractions(cls, value: object) -> object:
-        if not isinstance(value, list | tuple):
-            raise _invalid("must be a list of fractions such as [0.5, 0.8, 1.0]")
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1:
-                raise _invalid(f"each threshold must be a number in (0, 1], got {v!r}")
-        return tuple(sorted(set(value)))
+        return alert_fractions(value)
 
     @model_validator(mode="after")
     def _needs_cap(self) -> Budget:

@@ -8,12 +8,11 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
-
 from .admission import Admission, Governor, QuotaPlan
 from .config import Governance, Rates
 from .errors import QuotaExceededError
-from .limits import LimitSpec, tenant_specs, user_specs
+from .keys import KeyQuota
+from .limits import LimitSpec, key_specs, tenant_specs, user_specs
 
 if TYPE_CHECKING:
     from ..attempts import RequestLedger
@@ -25,6 +24,7 @@ __all__ = ["DEFAULT_MAX_TOKENS", "QuotaGate", "estimate_input_tokens"]
 # A request without max_tokens reserves this many output tokens (its worst case for budgets).
 DEFAULT_MAX_TOKENS = 1024
 _NO_SPECS: tuple[LimitSpec, ...] = ()
+_MAX_USERS = 100_000  # user specs cached per plan; past it the cache starts over
 
 
 def estimate_input_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -47,9 +47,18 @@ class QuotaGate:
     def __init__(self, governor: Governor, default: Governance | None) -> None:
         self.governor = governor
         self.default = default
-        self._users: LRUCache[tuple[uuid.UUID, str], tuple[object, tuple[LimitSpec, ...]]] = (
-            LRUCache(maxsize=100_000)
-        )
+        # Tenants without limits of their own, whose requests carry a key quota: an empty
+        # plan each (it holds the key's specs and draws).
+        self._bare: dict[uuid.UUID, QuotaPlan] = {}
+
+    def bare(self, tenant: uuid.UUID) -> QuotaPlan:
+        """The empty plan of a tenant that sets no limits (for its keys' quotas)."""
+        plan = self._bare.get(tenant)
+        if plan is None:
+            if len(self._bare) >= _MAX_USERS:
+                self._bare.clear()
+            plan = self._bare[tenant] = QuotaPlan()
+        return plan
 
     def plan(self, config: TenantConfig) -> QuotaPlan | None:
         """The quota plan of a tenant's config merged over the router's default (per load)."""
@@ -72,15 +81,32 @@ class QuotaGate:
     def _user_specs(
         self, plan: QuotaPlan, tenant: uuid.UUID, user: str | None
     ) -> tuple[LimitSpec, ...]:
-        gov = plan.governance
-        if user is None or gov is None or gov.user_limits is None:
+        if user is None:
             return _NO_SPECS
-        key = (tenant, user)
-        cached = self._users.get(key)
-        if cached is not None and cached[0] is plan:
+        specs = plan.users.get(user)  # cached with the plan: dropped when the config reloads
+        if specs is None:
+            gov = plan.governance
+            specs = _NO_SPECS if gov is None else user_specs(tenant, gov, user)
+            if len(plan.users) >= _MAX_USERS:
+                plan.users.clear()
+            plan.users[user] = specs
+        return specs
+
+    def _specs(
+        self, plan: QuotaPlan, tenant: uuid.UUID, user: str | None, quota: KeyQuota | None
+    ) -> tuple[LimitSpec, ...]:
+        """The user's specs, then the key's (validated once per key and limits)."""
+        specs = self._user_specs(plan, tenant, user)
+        if quota is None:
+            return specs
+        index = (user, quota.key_id)
+        cached = plan.keyed.get(index)
+        if cached is not None and cached[0] == quota.limits:
             return cached[1]
-        specs = user_specs(tenant, gov, user)
-        self._users[key] = (plan, specs)
+        specs = (*specs, *key_specs(tenant, quota.key_id, quota.parsed()))
+        if len(plan.keyed) >= _MAX_USERS:
+            plan.keyed.clear()
+        plan.keyed[index] = (dict(quota.limits), specs)
         return specs
 
     async def admit(
@@ -92,15 +118,26 @@ class QuotaGate:
         tokens_in: int,
         params: Mapping[str, Any],
         ledger: RequestLedger,
+        key_quota: KeyQuota | None = None,
     ) -> Admission:
-        """Admit the request on ``chain`` or record its refusal and raise it."""
-        max_tokens = params.get("max_tokens", params.get("max_completion_tokens"))
+        """Admit the request on ``chain`` or record its refusal and raise it.
+
+        ``key_quota``: the limits of the virtual key the request came with (scope ``"key"``).
+        """
+        max_tokens = params.get("max_tokens")
+        if max_tokens is None:
+            max_tokens = params.get("max_completion_tokens")
         tokens_out = (
-            max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else (DEFAULT_MAX_TOKENS)
+            max_tokens if isinstance(max_tokens, int) and max_tokens >= 0 else DEFAULT_MAX_TOKENS
         )
-        specs = self._user_specs(plan, tenant, user)
+        specs = self._specs(plan, tenant, user, key_quota)
+        governor = self.governor
+        admission = governor.admit_now(plan, specs, chain, tokens_in, tokens_out)
+        if admission is not None:  # the cached path: no await, no I/O
+            ledger.on_cost = self._charger(admission)
+            return admission
         try:
-            admission = await self.governor.admit(plan, specs, chain, tokens_in, tokens_out)
+            admission = await governor.admit(plan, specs, chain, tokens_in, tokens_out)
         except QuotaExceededError as refusal:
             first = chain[0]
             ledger.record(

@@ -7,43 +7,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, NamedTuple
+from datetime import UTC, datetime
+from typing import Any
 
 from .limits import LimitSpec, budget_request
 from .periods import PeriodBounds
 
-__all__ = ["Lease", "Take"]
+__all__ = ["Lease"]
 
 # Of the allowance, the most that all idle leases of one limit may hold together: the "no
 # refusal while more than 5 % is left" promise, with a margin.
 IDLE_SHARE = 0.04
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Lease:
     """This process's state of one limit (for budgets: of the current period).
 
-    Rates: ``held`` slots were granted at the last renewal; each admission uses some at once
-    (``uses``, by bucket, reported at the next renewal). Budgets: ``held`` US dollars cover the
-    reservations of requests in flight and the spend settled but not yet written as usage rows.
+    ``free`` is what this process may still admit from its lease, kept up to date by every
+    take, so admission reads one field per limit. Rates: ``held`` slots were granted at the
+    last renewal; ``held - free`` of them were used since (``unreported``): by bucket in
+    ``uses``, except the current bucket's, which is whatever the rest does not account for
+    (so a take is one subtraction). Budgets: ``held`` US dollars cover the reservations of
+    requests in flight (``reserved``) and the spend settled but not yet written (``pending``).
     """
 
     spec: LimitSpec
     held: float = 0.0
-    reserved: float = 0.0  # budgets: worst-case cost of requests in flight
+    free: float = 0.0  # held - unreported (rates) / held - reserved - pending (budgets)
     pending: float = 0.0  # budgets: settled cost whose rows are not yet written
-    uses: dict[int, float] = field(default_factory=dict)  # rates: bucket index -> amount
-    unreported: float = 0.0  # rates: sum of ``uses``
+    uses: dict[int, float] = field(default_factory=dict)  # rates: bucket -> amount, but `bucket`
+    uses_sum: float = 0.0  # rates: sum of ``uses``
+    bucket: int = -(2**62)  # rates: the current bucket (its uses are not in ``uses`` yet)
     committed: float = 0.0  # as of the last renewal: uses in the window / spend in the period
     others: float = 0.0  # as of the last renewal: what other processes hold
     holders: int = 0  # other processes holding a lease
     oldest: float | None = None  # rates: epoch of the oldest use in the window
     renewed_at: float = -math.inf  # monotonic
-    last_used: float = -math.inf  # monotonic
+    last_used: float = -math.inf  # monotonic, to about a second (set when a draw rolls over)
     demand: float = 0.0  # EWMA of the amount taken per renew interval, to size the next lease
-    taken: float = 0.0  # amount taken since the last renewal (for ``demand``)
+    taken: float = 0.0  # budgets: amount reserved since the last renewal (for ``demand``)
     bounds: PeriodBounds | None = None  # budgets: the period the lease belongs to
+    ends_at: float = math.inf  # epoch of ``bounds.end`` (a float compare per request)
     known: bool = False  # at least one renewal answered
     short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
     alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
@@ -52,33 +57,81 @@ class Lease:
     needed: float = 0.0  # what the last renewal asked for beyond the optional slice
     settled: float = 0.0  # budgets: all spend moved from pending to written, ever
 
+    @classmethod
+    def of(cls, spec: LimitSpec, epoch: float) -> Lease:
+        """A fresh lease of ``spec`` (a budget's, of the period that contains ``epoch``)."""
+        if spec.kind != "budget":
+            return cls(spec)
+        bounds = spec.bounds(datetime.fromtimestamp(epoch, UTC))
+        return cls(spec, bounds=bounds, ends_at=bounds.end.timestamp())
+
+    @property
+    def rate(self) -> bool:
+        return self.spec.kind == "rate"
+
+    @property
+    def unreported(self) -> float:
+        """Rates: uses not yet reported to PostgreSQL."""
+        return self.held - self.free if self.rate else 0.0
+
+    @property
+    def reserved(self) -> float:
+        """Budgets: worst-case cost of the requests in flight."""
+        return 0.0 if self.rate else max(0.0, self.held - self.free - self.pending)
+
     def room(self) -> float:
         """What this process may still admit from its lease."""
-        if self.spec.kind == "rate":
-            return self.held - self.unreported
-        return self.held - self.reserved - self.pending
+        return self.free
 
     def used(self) -> float:
         """The limit's use as far as this process knows: committed, others' and its own."""
-        own = self.unreported if self.spec.kind == "rate" else self.reserved + self.pending
-        return self.committed + self.others + own
+        return self.committed + self.others + (self.held - self.free)
 
-    def take(self, amount: float, epoch: float) -> None:
-        if self.spec.kind == "rate":
-            bucket = int(epoch // self.spec.bucket_s)
-            self.uses[bucket] = self.uses.get(bucket, 0.0) + amount
-            self.unreported += amount
-        else:
-            self.reserved += amount
+    # --- rates: uses by bucket --------------------------------------------------------------
+
+    def roll(self, epoch: float, now: float) -> None:
+        """A new second began for a draw holding this lease: close the bucket if it ended."""
+        self.last_used = now
+        bucket = int(epoch // self.spec.bucket_s)
+        if bucket > self.bucket:
+            self._close_bucket()
+            self.bucket = bucket
+
+    def _close_bucket(self) -> None:
+        amount = self.held - self.free - self.uses_sum
+        if amount:
+            self.uses[self.bucket] = self.uses.get(self.bucket, 0.0) + amount
+            self.uses_sum += amount
 
     def give_back(self, amount: float, epoch: float) -> None:
-        """Undo :meth:`take` (another limit refused the request)."""
-        if self.spec.kind == "rate":
-            bucket = int(epoch // self.spec.bucket_s)
+        """Undo part of a rate take made at ``epoch`` (a request used fewer tokens)."""
+        self.free += amount
+        bucket = int(epoch // self.spec.bucket_s)
+        if bucket != self.bucket:  # a closed bucket: counted in ``uses`` already
             self.uses[bucket] = self.uses.get(bucket, 0.0) - amount
-            self.unreported -= amount
-        else:
-            self.reserved = max(0.0, self.reserved - amount)
+            self.uses_sum -= amount
+
+    # --- budgets: settling --------------------------------------------------------------------
+
+    def charge(self, cost: float) -> None:
+        """An attempt's cost, pending until its row is written."""
+        self.pending += cost
+        self.free -= cost
+
+    def settle(self, cost: float) -> None:
+        """The row of ``cost`` was written: the spend is in the counters, it leaves the lease."""
+        pending = self.pending - cost
+        self.pending = pending if pending > 0.0 else 0.0
+        held = self.held - cost
+        if held >= 0.0:
+            self.held = held  # free is unchanged: the cost leaves pending and held alike
+        else:  # spent more than held: the lease is empty, what it lacked is not free
+            self.free -= held
+            self.held = 0.0
+        self.written += cost
+        self.settled += cost
+
+    # --- renewal ---------------------------------------------------------------------------
 
     def renewal(self, need: float, at: datetime) -> tuple[dict[str, Any], Any]:
         """The request for ``llm_gateway_quota_renew`` and a snapshot to apply its answer with.
@@ -92,9 +145,10 @@ class Lease:
         cap = IDLE_SHARE * spec.allowed / (self.holders + 1)
         slice_ = min(self.demand * 2.0, cap)
         if spec.kind == "rate":
+            self._close_bucket()  # every use is in ``uses`` now
             slice_ = float(int(slice_))  # whole slots: fractions of one would strand it
             uses = [[b * spec.bucket_s, n] for b, n in self.uses.items() if n]
-            keep = max(0.0, self.held - self.unreported)
+            keep = max(0.0, self.free)
             request = {
                 "key": spec.key,
                 "kind": "rate",
@@ -105,14 +159,15 @@ class Lease:
                 "uses": uses,
             }
             self.needed = keep + need
-            return request, (dict(self.uses), self.unreported)
+            return request, (dict(self.uses), self.uses_sum)
         bounds = self.bounds if self.bounds is not None else spec.bounds(at)
-        want = self.reserved + self.pending + need + slice_
+        want = (self.held - self.free) + need + slice_
         self.needed = want - slice_
         return budget_request(spec, bounds, want), (bounds, self.settled)
 
     def apply(self, answer: dict[str, Any], snapshot: Any, now: float) -> None:
         """Take in the renewal's answer; what was used meanwhile stays to be reported."""
+        in_use = self.held - self.free  # unreported uses / reserved + pending
         self.held = float(answer["granted"])
         needed = self.needed
         self.committed = float(answer["committed"])
@@ -129,7 +184,8 @@ class Lease:
                     self.uses.pop(bucket, None)
                 else:
                     self.uses[bucket] = left
-            self.unreported -= sent_total
+            self.uses_sum -= sent_total
+            in_use -= sent_total
         else:
             # Spend written during the round trip was asked for as pending, and may also be
             # in the answer's committed: it leaves the lease (the safe side).
@@ -137,15 +193,6 @@ class Lease:
             self.held = max(0.0, self.held - (self.settled - settled))
             # That spend was in what was needed too: it is no shortage of the grant.
             needed -= self.settled - settled
+        self.free = self.held - in_use
         if self.held + 1e-12 < needed:
             self.short_at = now  # not even what was needed: the limit is reached
-
-
-class Take(NamedTuple):
-    """What one admitted request took from one lease, to settle or give back.
-
-    A tuple: one is made per limit of every admitted request (cheaper than a dataclass)."""
-
-    lease: Lease
-    amount: float
-    epoch: float

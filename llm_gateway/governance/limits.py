@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Literal
 
-from .config import Budget, Governance, Rates, Spend
+from .config import Budget, Governance, Rates, Spend, SpendLimits
 from .periods import PeriodBounds, period_bounds
 
-__all__ = ["LimitSpec", "budget_request", "tenant_specs", "user_specs"]
+__all__ = ["LimitSpec", "budget_request", "key_specs", "tenant_specs", "user_specs"]
 
 Kind = Literal["rate", "budget"]
 
@@ -43,7 +43,8 @@ class LimitSpec:
     window_s: float = 0.0
     bucket_s: float = 0.0
     user_id: str | None = None
-    subject: str = ""  # spend counters: '' the tenant, 's' its system-key use
+    subject: str = ""  # spend counters: '' the tenant, 's' its system-key use, 'k:<id>' a key
+    key_id: str | None = None  # a virtual key's limits (scope "key")
     period: str = "1mo"
     anchor: date = date(1970, 1, 1)
     alert_at: tuple[float, ...] = ()  # budget fractions that fire an alert once per period
@@ -57,7 +58,12 @@ class LimitSpec:
 
 
 def _rates(
-    base: str, scope: str, tenant: uuid.UUID, rates: Rates, user: str | None = None
+    base: str,
+    scope: str,
+    tenant: uuid.UUID,
+    rates: Rates,
+    user: str | None = None,
+    key_id: str | None = None,
 ) -> Iterator[LimitSpec]:
     for name, value in rates.rate_items():
         window, bucket = _WINDOWS[name]
@@ -71,6 +77,7 @@ def _rates(
             window_s=window,
             bucket_s=bucket,
             user_id=user,
+            key_id=key_id,
         )
 
 
@@ -82,6 +89,7 @@ def _spend(
     subject: str,
     user: str | None = None,
     alert_at: tuple[float, ...] = (),
+    key_id: str | None = None,
 ) -> Iterator[LimitSpec]:
     if spend.max_usd is None:
         return
@@ -97,6 +105,7 @@ def _spend(
         period=spend.period,
         anchor=spend.anchor,
         alert_at=alert_at,
+        key_id=key_id,
     )
 
 
@@ -133,6 +142,23 @@ def user_specs(tenant: uuid.UUID, gov: Governance, user_id: str) -> tuple[LimitS
     )
 
 
+def key_specs(tenant: uuid.UUID, key_id: str, limits: SpendLimits) -> tuple[LimitSpec, ...]:
+    """The specs of one virtual key of the tenant (a :class:`~.keys.KeyQuota`)."""
+    base = f"t:{tenant}:k:{key_id}"
+    return (
+        *_spend(
+            base,
+            "key",
+            tenant,
+            limits,
+            f"k:{key_id}",
+            alert_at=getattr(limits, "alert_at", ()),  # KeyLimits has them
+            key_id=key_id,
+        ),
+        *_rates(base, "key", tenant, limits, key_id=key_id),
+    )
+
+
 def budget_request(spec: LimitSpec, bounds: PeriodBounds, want: float) -> dict[str, Any]:
     """The renewal request of a budget lease (see ``llm_gateway_quota_renew``)."""
     request: dict[str, Any] = {
@@ -151,6 +177,8 @@ def budget_request(spec: LimitSpec, bounds: PeriodBounds, want: float) -> dict[s
         request["source"] = "rows"
         request["user_id"] = spec.user_id
         request["system_only"] = spec.subject == "s"
+        if spec.key_id is not None:
+            request["virtual_key_id"] = spec.key_id  # read by migration 011's renewal
     else:
         request["grain"] = grain
     return request
