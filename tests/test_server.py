@@ -81,6 +81,7 @@ class Served:
     keys: VirtualKeyStore
     tenant: uuid.UUID
     key: str
+    key_id: uuid.UUID
 
     def client(self, key: str | None = None, **kwargs: Any) -> AsyncOpenAI:
         return AsyncOpenAI(
@@ -122,8 +123,8 @@ async def gateway(
         try:
             app = create_app(router, keys, pool=pool, readiness_timeout=2.0)
             async with serving(app) as url:
-                raw, _ = await keys.create(tenant, name="test")
-                yield Served(url, sim, router, keys, tenant, raw)
+                raw, record = await keys.create(tenant, name="test")
+                yield Served(url, sim, router, keys, tenant, raw, record.id)
         finally:
             await router.close()
             await keys.close()
@@ -172,6 +173,7 @@ async def test_completion_with_labels_in_the_usage_row(served: Served) -> None:
         ["search", "beta"],
     )
     assert row["request_id"].hex == answer.id.removeprefix("chatcmpl-")
+    assert row["virtual_key_id"] == str(served.key_id)
     # The user header wins over the body's user.
     await served.client().chat.completions.create(
         model="gpt-4o-mini", messages=MSG, user="body", extra_headers={"x-llm-gateway-user": "hdr"}
@@ -358,6 +360,15 @@ async def test_quota_refusal_is_429_with_retry_after(
         retry_after = int(refused.value.response.headers["retry-after"])
         assert 1 <= retry_after <= 61  # the window of a minute, rounded up
         assert len(served.sim.requests) == 1  # refused before any provider was called
+
+        # A key's own limits (per-key quota): its second request in the minute is refused.
+        other = await make_tenant(pg)
+        raw, _ = await served.keys.create(other, limits={"requests_per_minute": 1})
+        await served.client(raw).chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        with pytest.raises(openai.RateLimitError) as by_key:
+            await served.client(raw).chat.completions.create(model="gpt-4o-mini", messages=MSG)
+        assert error_of(by_key.value)["message"].startswith("key quota exceeded")
+        assert "retry-after" in by_key.value.response.headers
 
 
 async def test_request_and_provider_errors_map_to_openai_statuses(served: Served) -> None:

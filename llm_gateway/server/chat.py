@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import GatewayError
+from ..governance import KeyQuota
 from ..streaming import CompletionStream
 from .errors import ApiError, api_error
 from .openai_shapes import (
@@ -78,7 +79,8 @@ def _call_arguments(chat: ChatRequest, key: VirtualKey) -> dict[str, Any]:
         "session_id": chat.session_id,
         "tags": chat.tags,
         "model": chat.model,
-        "metadata": {"virtual_key_id": str(key.id)},
+        # Always given, limits or not: the rows then carry the key's id (virtual_key_id).
+        "key_quota": KeyQuota(str(key.id), key.limits or {}),
         **chat.params,
     }
 
