@@ -61,6 +61,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    completed: int  # requests answered within the run (in flight at its end: not counted)
 
 
 def free_port() -> int:
@@ -138,6 +139,7 @@ def wrk(url: str, script: str, concurrency: int, duration: float, threads: int) 
         p50_ms=r["p50_us"] / 1000,
         p99_ms=r["p99_us"] / 1000,
         errors=r["non2xx"] + r["socket_errors"],
+        completed=r["requests"],
     )
 
 
@@ -151,15 +153,18 @@ def measure(
         for c in args.concurrency:
             runs = [wrk(url, script, c, args.duration, args.threads) for _ in range(args.repeats)]
             rps = [r.rps for r in runs]
+            # wrk reports latency only of answered requests: none answered, no latency.
+            timed = [r for r in runs if r.completed] or None
             rows.append(
                 [
                     label,
                     str(c),
                     f"{statistics.median(rps):,.0f}",
                     f"{min(rps):,.0f}-{max(rps):,.0f}",
-                    f"{statistics.median(r.p50_ms for r in runs):.2f}",
-                    f"{statistics.median(r.p99_ms for r in runs):.2f}",
+                    "-" if timed is None else f"{statistics.median(r.p50_ms for r in timed):.2f}",
+                    "-" if timed is None else f"{statistics.median(r.p99_ms for r in timed):.2f}",
                     str(sum(r.errors for r in runs)),
+                    str(sum(r.completed for r in runs)),
                 ]
             )
             print("  " + "  ".join(rows[-1]), flush=True)
@@ -292,6 +297,8 @@ def run_ours(args: argparse.Namespace, sim_url: str, workdir: Path) -> list[list
         str(port),
         "--workers",
         str(args.workers),
+        "--log-level",
+        "warning",  # no access log line per request (LiteLLM's runs log errors only too)
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -361,7 +368,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common.print_table(
         f"POST /v1/chat/completions, wrk -t{args.threads}, {args.duration:g} s per run,"
         f" median of {args.repeats}",
-        ["server", "concurrency", "req/s", "req/s spread", "p50 ms", "p99 ms", "errors"],
+        [
+            "server",
+            "concurrency",
+            "req/s",
+            "req/s spread",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "answered",
+        ],
         rows,
         note=_common.load_average(),
     )
