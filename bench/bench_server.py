@@ -9,7 +9,8 @@ times; each figure is the median of the repeats, with their spread. Targets:
   simulated provider (``python -m llm_gateway.simulator``, zero latency);
 - ``litellm``: LiteLLM's proxy (``litellm --config``, from a separate venv given by
   ``--litellm``) with one model routed to the same simulator, authenticated by its master key;
-- ``url``: any server already running (``--url``, ``--key``, ``--model``).
+- ``url``: any server already running (``--url``, ``--key``, ``--model``);
+- ``auth``: no load, the CPU cost of one cached ``VirtualKeyStore.authenticate`` in process.
 
 Run:  python bench/bench_server.py litellm --litellm /tmp/litellm-venv/bin/litellm
       python bench/bench_server.py ours --workers 1
@@ -320,9 +321,37 @@ def run_ours(args: argparse.Namespace, sim_url: str, workdir: Path) -> list[list
             asyncio.run(drop())
 
 
+async def _auth_cost(admin_dsn: str, calls: int, repeats: int) -> list[float]:
+    """Microseconds per cached ``VirtualKeyStore.authenticate`` (hash + cache + checks)."""
+    import asyncpg
+
+    from llm_gateway.migrate import apply_migrations
+    from llm_gateway.server.virtual_keys import VirtualKeyStore
+
+    async with _common.scratch_database(admin_dsn, "llmgw_bench_server_auth") as dsn:
+        await apply_migrations(dsn)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            tenant = await pool.fetchval(
+                "INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'b') RETURNING id"
+            )
+            async with VirtualKeyStore(pool) as store:
+                raw, _ = await store.create(tenant)
+                await store.authenticate(raw)  # cached from here on
+                per_call = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    for _ in range(calls):
+                        await store.authenticate(raw)
+                    per_call.append((time.perf_counter() - started) / calls * 1e6)
+        finally:
+            await pool.close()
+    return per_call
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=("ours", "litellm", "url"))
+    parser.add_argument("target", choices=("ours", "litellm", "url", "auth"))
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     parser.add_argument("--litellm", default="litellm", help="the litellm executable (own venv)")
     parser.add_argument("--url", help="target=url: the server's root URL")
@@ -346,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("wrk is not installed (apt-get install -y wrk)")
     print(_common.environment(["llm-gateway"]))
     print(f"command: python bench/bench_server.py {' '.join(argv or sys.argv[1:])}")
+    if args.target == "auth":
+        us = asyncio.run(_auth_cost(args.admin_dsn, 20_000, max(args.repeats, 5)))
+        print(
+            f"cached authenticate: {statistics.median(us):.2f} us per call (median of {len(us)}"
+            f" runs of 20,000; spread {min(us):.2f}-{max(us):.2f}); {_common.load_average()}"
+        )
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
         workdir = Path(tmp)
         if args.target == "url":
