@@ -36,6 +36,8 @@ __all__ = [
     "TenantNotFoundError",
     "UnknownModelError",
     "UnknownProviderError",
+    "VirtualKeyError",
+    "VirtualKeySpecError",
 ]
 
 
@@ -284,3 +286,32 @@ class DeadlineExceededError(AllProvidersFailedError):
             f"deadline of {timeout:g}s exceeded for tenant {self.tenant_id} "
             f"after {len(self.attempts)} attempt(s)",
         )
+
+
+# --- virtual keys (the gateway server's credentials) ---------------------------------------
+
+
+class VirtualKeyError(GatewayError):
+    """A virtual key is refused. ``reason``: unknown, revoked, expired or malformed.
+
+    The message never contains the key (nor its hash); ``key_id`` is set when the key exists.
+    """
+
+    REASONS = ("unknown", "revoked", "expired", "malformed")
+
+    def __init__(self, reason: str, key_id: object = None) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown virtual key refusal reason {reason!r}")
+        self.reason = reason
+        self.key_id = None if key_id is None else str(key_id)
+        suffix = f" (key {self.key_id})" if self.key_id is not None else ""
+        super().__init__(f"virtual key refused: {reason}{suffix}")
+
+
+class VirtualKeySpecError(ConfigError, ValueError):
+    """What a new virtual key would grant is invalid. ``field`` names the offending value."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid virtual key {field}: {reason}")

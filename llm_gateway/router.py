@@ -818,6 +818,11 @@ class TenantLLMRouter:
     def usage_tracker(self) -> ModelUsageTracker | None:
         return self._tracker
 
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        """The providers this router has settings for (``providers=`` or the environment)."""
+        return tuple(self._settings)
+
 
 def _labels(
     session_id: object, tags: object, metadata: Mapping[str, Any] | None

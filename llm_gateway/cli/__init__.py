@@ -32,6 +32,7 @@ COMMANDS: tuple[str, ...] = (
     "usage",
     "quota",
     "health",
+    "serve",
 )
 
 

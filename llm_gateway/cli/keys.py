@@ -1,6 +1,8 @@
-"""``llm-gateway keys generate`` and ``llm-gateway tenants encrypt|rotate|set-key``.
+"""``llm-gateway keys generate|create|list|revoke`` and ``tenants encrypt|rotate|set-key``.
 
-Tenants' provider keys are encrypted at rest under the key ring in ``LLM_GATEWAY_KEYRING``
+``keys create|list|revoke`` manage the gateway server's virtual keys
+(:mod:`llm_gateway.server.virtual_keys`); a new key is printed once, by ``create``. Tenants'
+provider keys are encrypted at rest under the key ring in ``LLM_GATEWAY_KEYRING``
 (see :mod:`llm_gateway.secrets`). No command takes a key on its command line: argv is
 visible to other users of the machine.
 """
@@ -15,7 +17,7 @@ import sys
 from typing import Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import EPILOG, get_or_add_group
+from ._common import EPILOG, get_or_add_group, nonnegative
 
 __all__ = ["register"]
 
@@ -51,6 +53,7 @@ def register(sub: Any) -> None:
     )
     generate.add_argument("--id", help="the key id (default: k and 8 random hex digits)")
     generate.set_defaults(run=generate_command)
+    _register_virtual_keys(keys_sub)
 
     tenants = get_or_add_group(sub, "tenants", "tenant configuration")
     for name, rotate, text in (
@@ -176,4 +179,168 @@ def set_key_command(args: argparse.Namespace) -> int:
     asyncio.run(run())
     done = "removed" if key is None else f"stored (encrypted under key {ring.active_id!r})"
     print(f"tenant {tenant_id}: {provider} key {done}")
+    return 0
+
+
+# --- virtual keys of the gateway server ------------------------------------------------------
+
+
+def _register_virtual_keys(keys_sub: Any) -> None:
+    from ..governance.periods import PERIODS
+
+    create = keys_sub.add_parser(
+        "create",
+        help="create a virtual key (printed once)",
+        description="Create a virtual key for a tenant and print it, once: only its keyed hash"
+        " is stored. Store it now; it cannot be shown again.",
+        epilog=EPILOG,
+    )
+    create.add_argument("--tenant", required=True, help="the tenant's id (uuid)")
+    create.add_argument("--user", help="the tenant's user the key acts for")
+    create.add_argument("--name", help="a name for people (e.g. the service using it)")
+    create.add_argument(
+        "--models", help="comma-separated models or groups it may use (default any)"
+    )
+    create.add_argument("--max-usd", type=nonnegative, help="its own budget in US dollars")
+    create.add_argument("--period", choices=PERIODS, help="budget period (default 1mo)")
+    create.add_argument("--rpm", type=_positive, help="requests per minute")
+    create.add_argument("--tpm", type=_positive, help="tokens per minute")
+    create.add_argument("--rpd", type=_positive, help="requests per day")
+    create.add_argument(
+        "--expires", type=_instant, help="expiry, ISO 8601 (a date is midnight UTC; default UTC)"
+    )
+    list_ = keys_sub.add_parser(
+        "list",
+        help="list virtual keys (never the keys themselves)",
+        description="List virtual keys: id, prefix and what each grants; never the key.",
+        epilog=EPILOG,
+    )
+    list_.add_argument("--tenant", help="only this tenant's keys")
+    revoke = keys_sub.add_parser(
+        "revoke",
+        help="revoke a virtual key",
+        description="Revoke a virtual key: every server process refuses it on its next"
+        " request. Exits 1 when there is no key with this id.",
+        epilog=EPILOG,
+    )
+    revoke.add_argument("key_id", metavar="ID", help="the key's id (from create or list)")
+    for cmd, run in ((create, create_command), (list_, list_command), (revoke, revoke_command)):
+        cmd.add_argument("--dsn", help=_DSN_HELP)
+        if cmd is not revoke:
+            cmd.add_argument(
+                "--format", choices=("table", "json"), default="table", help="output format"
+            )
+        cmd.set_defaults(run=run)
+
+
+def _instant(text: str) -> Any:
+    from datetime import UTC, datetime
+
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _with_store(args: argparse.Namespace, work: Any) -> Any:
+    """``await work(store)`` with a store on a small pool of the command's database."""
+    from ..dsn import create_pool_checked, dsn_source
+    from ..server.virtual_keys import VirtualKeyStore
+
+    dsn, check = dsn_source(args.dsn)
+
+    async def run() -> Any:
+        pool = await create_pool_checked(dsn, check=check, min_size=1, max_size=2)
+        try:
+            return await work(VirtualKeyStore(pool, notify=False))
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+def create_command(args: argparse.Namespace) -> int:
+    from ..errors import VirtualKeySpecError
+
+    limits = {
+        name: value
+        for name, value in (
+            ("max_usd", args.max_usd),
+            ("period", args.period),
+            ("requests_per_minute", args.rpm),
+            ("tokens_per_minute", args.tpm),
+            ("requests_per_day", args.rpd),
+        )
+        if value is not None
+    }
+    models = None if args.models is None else [m.strip() for m in args.models.split(",")]
+    try:
+        raw, key = _with_store(
+            args,
+            lambda store: store.create(
+                args.tenant,
+                user_id=args.user,
+                name=args.name,
+                models=models,
+                limits=limits or None,
+                expires_at=args.expires,
+            ),
+        )
+    except VirtualKeySpecError as exc:
+        print(f"llm-gateway keys create: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps({"key": raw, **key.as_dict()}, indent=2))
+    else:
+        print(f"key: {raw}")
+        print("(shown once: store it now, it cannot be shown again)")
+        for name, value in key.as_dict().items():
+            if value is not None:
+                print(f"{name}: {_cell(value)}")
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+_LIST_COLUMNS = (
+    "id",
+    "prefix",
+    "tenant_id",
+    "user_id",
+    "name",
+    "models",
+    "limits",
+    "expires_at",
+    "revoked_at",
+    "created_at",
+)
+
+
+def list_command(args: argparse.Namespace) -> int:
+    keys = _with_store(args, lambda store: store.list(args.tenant))
+    rows = [key.as_dict() for key in keys]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [list(_LIST_COLUMNS)] + [[_cell(r[c]) for c in _LIST_COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_LIST_COLUMNS))]
+    for line in table:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def revoke_command(args: argparse.Namespace) -> int:
+    if not _with_store(args, lambda store: store.revoke(args.key_id)):
+        print(f"llm-gateway: no virtual key with id {args.key_id[:40]!r}", file=sys.stderr)
+        return 1
+    print(f"virtual key {args.key_id} revoked")
     return 0

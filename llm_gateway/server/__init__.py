@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway server: its ASGI app and the virtual keys it authenticates."""
