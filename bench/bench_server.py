@@ -9,7 +9,8 @@ times; each figure is the median of the repeats, with their spread. Targets:
   simulated provider (``python -m llm_gateway.simulator``, zero latency);
 - ``litellm``: LiteLLM's proxy (``litellm --config``, from a separate venv given by
   ``--litellm``) with one model routed to the same simulator, authenticated by its master key;
-- ``url``: any server already running (``--url``, ``--key``, ``--model``).
+- ``url``: any server already running (``--url``, ``--key``, ``--model``);
+- ``auth``: no load, the CPU cost of one cached ``VirtualKeyStore.authenticate`` in process.
 
 Run:  python bench/bench_server.py litellm --litellm /tmp/litellm-venv/bin/litellm
       python bench/bench_server.py ours --workers 1
@@ -61,6 +62,7 @@ class Run:
     p50_ms: float
     p99_ms: float
     errors: int
+    completed: int  # requests answered within the run (in flight at its end: not counted)
 
 
 def free_port() -> int:
@@ -138,6 +140,7 @@ def wrk(url: str, script: str, concurrency: int, duration: float, threads: int) 
         p50_ms=r["p50_us"] / 1000,
         p99_ms=r["p99_us"] / 1000,
         errors=r["non2xx"] + r["socket_errors"],
+        completed=r["requests"],
     )
 
 
@@ -151,15 +154,18 @@ def measure(
         for c in args.concurrency:
             runs = [wrk(url, script, c, args.duration, args.threads) for _ in range(args.repeats)]
             rps = [r.rps for r in runs]
+            # wrk reports latency only of answered requests: none answered, no latency.
+            timed = [r for r in runs if r.completed] or None
             rows.append(
                 [
                     label,
                     str(c),
                     f"{statistics.median(rps):,.0f}",
                     f"{min(rps):,.0f}-{max(rps):,.0f}",
-                    f"{statistics.median(r.p50_ms for r in runs):.2f}",
-                    f"{statistics.median(r.p99_ms for r in runs):.2f}",
+                    "-" if timed is None else f"{statistics.median(r.p50_ms for r in timed):.2f}",
+                    "-" if timed is None else f"{statistics.median(r.p99_ms for r in timed):.2f}",
                     str(sum(r.errors for r in runs)),
+                    str(sum(r.completed for r in runs)),
                 ]
             )
             print("  " + "  ".join(rows[-1]), flush=True)
@@ -292,6 +298,8 @@ def run_ours(args: argparse.Namespace, sim_url: str, workdir: Path) -> list[list
         str(port),
         "--workers",
         str(args.workers),
+        "--log-level",
+        "warning",  # no access log line per request (LiteLLM's runs log errors only too)
     ]
     url = f"http://127.0.0.1:{port}"
     try:
@@ -313,9 +321,37 @@ def run_ours(args: argparse.Namespace, sim_url: str, workdir: Path) -> list[list
             asyncio.run(drop())
 
 
+async def _auth_cost(admin_dsn: str, calls: int, repeats: int) -> list[float]:
+    """Microseconds per cached ``VirtualKeyStore.authenticate`` (hash + cache + checks)."""
+    import asyncpg
+
+    from llm_gateway.migrate import apply_migrations
+    from llm_gateway.server.virtual_keys import VirtualKeyStore
+
+    async with _common.scratch_database(admin_dsn, "llmgw_bench_server_auth") as dsn:
+        await apply_migrations(dsn)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
+        try:
+            tenant = await pool.fetchval(
+                "INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), 'b') RETURNING id"
+            )
+            async with VirtualKeyStore(pool) as store:
+                raw, _ = await store.create(tenant)
+                await store.authenticate(raw)  # cached from here on
+                per_call = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    for _ in range(calls):
+                        await store.authenticate(raw)
+                    per_call.append((time.perf_counter() - started) / calls * 1e6)
+        finally:
+            await pool.close()
+    return per_call
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=("ours", "litellm", "url"))
+    parser.add_argument("target", choices=("ours", "litellm", "url", "auth"))
     parser.add_argument("--workers", type=int, default=1, help="server worker processes")
     parser.add_argument("--litellm", default="litellm", help="the litellm executable (own venv)")
     parser.add_argument("--url", help="target=url: the server's root URL")
@@ -339,6 +375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("wrk is not installed (apt-get install -y wrk)")
     print(_common.environment(["llm-gateway"]))
     print(f"command: python bench/bench_server.py {' '.join(argv or sys.argv[1:])}")
+    if args.target == "auth":
+        us = asyncio.run(_auth_cost(args.admin_dsn, 20_000, max(args.repeats, 5)))
+        print(
+            f"cached authenticate: {statistics.median(us):.2f} us per call (median of {len(us)}"
+            f" runs of 20,000; spread {min(us):.2f}-{max(us):.2f}); {_common.load_average()}"
+        )
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_server_") as tmp:
         workdir = Path(tmp)
         if args.target == "url":
@@ -361,7 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common.print_table(
         f"POST /v1/chat/completions, wrk -t{args.threads}, {args.duration:g} s per run,"
         f" median of {args.repeats}",
-        ["server", "concurrency", "req/s", "req/s spread", "p50 ms", "p99 ms", "errors"],
+        [
+            "server",
+            "concurrency",
+            "req/s",
+            "req/s spread",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+            "answered",
+        ],
         rows,
         note=_common.load_average(),
     )

@@ -244,6 +244,8 @@ async def test_concurrent_misses_load_once(
         ({"limits": {"max_usd": True}}, "limits.max_usd"),
         ({"limits": {"max_usd": 5, "period": "2w"}}, "limits.period"),
         ({"limits": {"period": "1d"}}, "limits"),
+        ({"limits": {"anchor": "2026-01-01"}}, "limits"),
+        ({"limits": {"max_usd": 1, "period": "7d", "anchor": "soon"}}, "limits.anchor"),
         ({"limits": {"max_usd": 5, "alert_at": [0.5, 2]}}, "limits.alert_at"),
         ({"expires_at": datetime(2030, 1, 1)}, "expires_at"),
         ({"expires_at": datetime(2000, 1, 1, tzinfo=UTC)}, "expires_at"),
@@ -276,6 +278,15 @@ async def test_limits_are_stored_in_the_governance_shape(
     expected = {"max_usd": 5.0, "period": "1mo", "requests_per_minute": 10, "alert_at": [0.5, 1.0]}
     assert dict(key.limits or {}) == expected and dict(loaded.limits or {}) == expected
     assert loaded.models == ("m1", "m2")
+
+
+async def test_anchor_of_rolling_periods(pool: asyncpg.Pool, tenant: uuid.UUID) -> None:
+    async with VirtualKeyStore(pool, notify=False) as store:
+        raw, _ = await store.create(
+            tenant, limits={"max_usd": 1, "period": "7d", "anchor": "2026-01-05"}
+        )
+        loaded = await store.authenticate(raw)
+    assert dict(loaded.limits or {}) == {"max_usd": 1.0, "period": "7d", "anchor": "2026-01-05"}
 
 
 async def test_unknown_tenant(pool: asyncpg.Pool) -> None:

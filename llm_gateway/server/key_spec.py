@@ -22,6 +22,7 @@ __all__ = ["LIMIT_FIELDS", "check_expiry", "check_limits", "check_models", "chec
 LIMIT_FIELDS = (
     "max_usd",
     "period",
+    "anchor",
     "alert_at",
     "requests_per_minute",
     "tokens_per_minute",
@@ -93,8 +94,10 @@ def check_limits(limits: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if parsed.max_usd is not None:
         doc["max_usd"] = parsed.max_usd
         doc["period"] = parsed.period
-    elif "period" in limits or "alert_at" in limits:
-        raise VirtualKeySpecError("limits", "period and alert_at need max_usd")
+        if "anchor" in limits:  # the start of 7d / 30d periods
+            doc["anchor"] = parsed.anchor.isoformat()
+    elif any(k in limits for k in ("period", "anchor", "alert_at")):
+        raise VirtualKeySpecError("limits", "period, anchor and alert_at need max_usd")
     if "alert_at" in limits:
         doc["alert_at"] = _fractions(limits["alert_at"])
     return doc
