@@ -179,6 +179,12 @@ async def test_completion_with_labels_in_the_usage_row(served: Served) -> None:
         model="gpt-4o-mini", messages=MSG, user="body", extra_headers={"x-llm-gateway-user": "hdr"}
     )
     assert (await served.rows())[-1]["user_id"] == "hdr"
+    # A key issued to a user speaks for that user, whatever the request says.
+    owned, _ = await served.keys.create(served.tenant, user_id="owner")
+    await served.client(owned).chat.completions.create(
+        model="gpt-4o-mini", messages=MSG, user="body", extra_headers={"x-llm-gateway-user": "hdr"}
+    )
+    assert (await served.rows())[-1]["user_id"] == "owner"
     # The key's value is in no row.
     assert all(served.key not in json.dumps(dict(r), default=str) for r in await served.rows())
 
@@ -213,6 +219,7 @@ async def test_stream_is_what_the_openai_client_parses(served: Served) -> None:
         )
     assert raw.status_code == 200
     assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.headers["x-llm-gateway-provider"] == "openai"
     events = raw.text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     for event in events[:-2]:
@@ -463,3 +470,26 @@ def test_import_llm_gateway_does_not_import_the_server_framework() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_metrics_serve_the_prometheus_registry(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    prometheus = pytest.importorskip("prometheus_client", reason="the metrics extra is absent")
+    registry = prometheus.CollectorRegistry()
+    served_total = prometheus.Counter("gateway_test_total", "a test counter", registry=registry)
+    served_total.inc(3)
+    router = TenantLLMRouter(pg_dsn, providers={}, record_usage=False)
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=2)
+    keys = VirtualKeyStore(pool)
+    try:
+        app = create_app(router, keys, pool=pool, metrics_registry=registry)
+        async with serving(app) as url, httpx.AsyncClient() as http:
+            answer = await http.get(f"{url}/metrics")
+    finally:
+        await router.close()
+        await keys.close()
+        await pool.close()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "gateway_test_total 3.0" in answer.text
