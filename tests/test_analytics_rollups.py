@@ -131,13 +131,13 @@ async def test_rollups_follow_raw_rows_through_both_refresh_paths(pg: asyncpg.Co
     # By difference: late rows, vanished rows, and a group emptied to nothing.
     await insert(pg, tenant, recent[1] + timedelta(minutes=30), 7, 5)
     await pg.execute(
-        "DELETE FROM model_usage_stats WHERE tenant_id = $1 AND \"timestamp\" >= $2"
+        'DELETE FROM model_usage_stats WHERE tenant_id = $1 AND "timestamp" >= $2'
         " AND \"timestamp\" < $2 + interval '10 seconds'",
         tenant,
         recent[0],
     )
     await pg.execute(
-        "DELETE FROM model_usage_stats WHERE tenant_id = $1 AND \"timestamp\" >= $2"
+        'DELETE FROM model_usage_stats WHERE tenant_id = $1 AND "timestamp" >= $2'
         " AND \"timestamp\" < $2 + interval '1 hour' AND model_name = 'mystery'",
         tenant,
         this_hour,
@@ -155,7 +155,10 @@ async def test_rollups_follow_raw_rows_through_both_refresh_paths(pg: asyncpg.Co
     await pg.execute("DELETE FROM model_usage_stats WHERE tenant_id = $1", tenant)
     await pg.execute(REFRESH, old, this_hour + timedelta(hours=1))
     await assert_rollups_match_raw(pg, tenant)
-    assert await pg.fetchval("SELECT count(*) FROM model_usage_recent WHERE tenant_id = $1", tenant) == 0
+    assert (
+        await pg.fetchval("SELECT count(*) FROM model_usage_recent WHERE tenant_id = $1", tenant)
+        == 0
+    )
 
 
 async def test_reports_by_user_endpoint_and_tag_equal_the_raw_rows(
@@ -184,11 +187,13 @@ async def test_reports_by_user_endpoint_and_tag_equal_the_raw_rows(
                 " coalesce(sum(estimated_cost_usd), 0) AS cost,"
                 " count(*) FILTER (WHERE status <> 'success') AS errors FROM model_usage_stats"
                 + (" CROSS JOIN LATERAL unnest(tags) AS tag" if by == "tag" else "")
-                + " WHERE tenant_id = $1 AND \"timestamp\" >= $2 GROUP BY 1",
+                + ' WHERE tenant_id = $1 AND "timestamp" >= $2 GROUP BY 1',
                 tenant,
                 day0,
             )
-            assert sorted((r.key, r.requests, r.input_tokens, r.cost_usd, r.errors) for r in got) == sorted(
+            assert sorted(
+                (r.key, r.requests, r.input_tokens, r.cost_usd, r.errors) for r in got
+            ) == sorted(
                 (r["key"], r["n"], r["tin"], Decimal(r["cost"]), r["errors"]) for r in want
             ), by
     finally:

@@ -70,7 +70,10 @@ CREATE TABLE IF NOT EXISTS model_usage_user_day (
     output_tokens     bigint  NOT NULL,
     cost_usd          numeric NOT NULL,  -- priced rows only
     unpriced_requests bigint  NOT NULL,
+    -- Covering: a tenant's days are read by an index-only scan, not from heap pages that
+    -- hold every tenant's rows of the day.
     PRIMARY KEY (tenant_id, day, user_id)
+        INCLUDE (requests, errors, input_tokens, output_tokens, cost_usd, unpriced_requests)
 );
 COMMENT ON TABLE model_usage_user_day IS 'Per tenant, UTC day and user: totals (report by user).';
 
@@ -90,6 +93,8 @@ CREATE TABLE IF NOT EXISTS model_usage_endpoint_daily (
     unpriced_requests bigint  NOT NULL,
     max_total_tokens  integer,           -- never lowered by a refresh (a max has no inverse)
     PRIMARY KEY (tenant_id, day, endpoint, provider, model_name)
+        INCLUDE (requests, successes, input_tokens, output_tokens, ok_input_tokens,
+                 ok_output_tokens, cost_usd, unpriced_requests, max_total_tokens)
 );
 COMMENT ON TABLE model_usage_endpoint_daily IS
     'Per tenant, UTC day, endpoint, provider and model (report by endpoint, recommendations).';
@@ -102,7 +107,7 @@ CREATE TABLE IF NOT EXISTS model_usage_latency_daily (
     model_name text     NOT NULL,
     bucket     smallint NOT NULL,
     successes  bigint   NOT NULL,
-    PRIMARY KEY (tenant_id, day, endpoint, provider, model_name, bucket)
+    PRIMARY KEY (tenant_id, day, endpoint, provider, model_name, bucket) INCLUDE (successes)
 );
 COMMENT ON TABLE model_usage_latency_daily IS
     'Latency histogram of successful attempts; bucket b holds [1.15^b, 1.15^(b+1)) ms.';
@@ -118,6 +123,7 @@ CREATE TABLE IF NOT EXISTS model_usage_tag_daily (
     cost_usd          numeric NOT NULL,
     unpriced_requests bigint  NOT NULL,
     PRIMARY KEY (tenant_id, day, tag)
+        INCLUDE (requests, errors, input_tokens, output_tokens, cost_usd, unpriced_requests)
 );
 COMMENT ON TABLE model_usage_tag_daily IS
     'Per tenant, UTC day and tag (a row with two tags counts in both).';
@@ -536,7 +542,12 @@ CREATE OR REPLACE FUNCTION llm_gateway_usage_anomalies(
     as_of        timestamptz DEFAULT now()
 ) RETURNS TABLE (tenant_id uuid, hour timestamptz, metric text, observed double precision,
                  expected double precision, score double precision)
-LANGUAGE sql STABLE SET jit = off AS $$
+-- PL/pgSQL rather than SQL: its statement plan is cached per session (a SQL function's query
+-- would be planned at every call, ~10 ms for this one).
+LANGUAGE plpgsql STABLE SET jit = off AS $$
+#variable_conflict use_column
+BEGIN
+RETURN QUERY
 WITH bounds AS (
     SELECT date_trunc('hour', since AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS lo,
            date_trunc('hour', coalesce(as_of, now()) AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS hi,
@@ -554,29 +565,51 @@ uncovered AS (
     UNION ALL
     SELECT greatest(b.lo, c.hi, c.lo), b.hi FROM bounds b, covered c
 ),
+-- LATERAL everywhere below: the plan is generic (the ranges are unknown when it is made), and
+-- a parameterized index range scan per range is what must run, never a scan of a whole table.
 pre AS (
-    SELECT p.tenant_id, p.hour, p.kind, p.req_median, p.req_mad, p.cost_median, p.cost_mad,
-           p.err_median, p.err_mad
-    FROM model_usage_tenant_baseline p, covered c
-    WHERE only_tenant IS NULL AND p.hour >= c.lo AND p.hour < c.hi AND p.kind IS NOT NULL
-    UNION ALL
-    SELECT p.tenant_id, p.hour, p.kind, p.req_median, p.req_mad, p.cost_median, p.cost_mad,
-           p.err_median, p.err_mad
-    FROM model_usage_tenant_baseline p, covered c
-    WHERE p.tenant_id = only_tenant AND p.hour >= c.lo AND p.hour < c.hi
-      AND p.kind IS NOT NULL
+    SELECT p.*
+    FROM covered c
+    CROSS JOIN LATERAL (
+        SELECT p.tenant_id, p.hour, p.kind, p.req_median, p.req_mad, p.cost_median,
+               p.cost_mad, p.err_median, p.err_mad
+        FROM model_usage_tenant_baseline p
+        WHERE only_tenant IS NULL AND p.hour >= c.lo AND p.hour < c.hi AND p.kind IS NOT NULL
+        UNION ALL
+        SELECT p.tenant_id, p.hour, p.kind, p.req_median, p.req_mad, p.cost_median,
+               p.cost_mad, p.err_median, p.err_mad
+        FROM model_usage_tenant_baseline p
+        WHERE p.tenant_id = only_tenant AND p.hour >= c.lo AND p.hour < c.hi
+          AND p.kind IS NOT NULL
+    ) AS p
+    WHERE c.lo < c.hi
+),
+-- Observed values of the covered hours: one range scan, hash-joined with their baselines.
+pre_observed AS (
+    SELECT o.*
+    FROM covered c
+    CROSS JOIN LATERAL (
+        SELECT t.tenant_id, t.hour, t.requests, t.errors, t.cost_usd
+        FROM model_usage_tenant_hourly t
+        WHERE only_tenant IS NULL AND t.hour >= c.lo AND t.hour < c.hi
+        UNION ALL
+        SELECT t.tenant_id, t.hour, t.requests, t.errors, t.cost_usd
+        FROM model_usage_tenant_hourly t
+        WHERE t.tenant_id = only_tenant AND t.hour >= c.lo AND t.hour < c.hi
+    ) AS o
+    WHERE c.lo < c.hi
 ),
 series AS (
-    SELECT t.tenant_id, t.hour, u.lo, u.hi
+    SELECT s.tenant_id, s.hour, u.lo, u.hi
     FROM uncovered u
-    JOIN model_usage_tenant_hourly t
-      ON t.hour >= u.lo - interval '7 days' AND t.hour < u.hi
-    WHERE only_tenant IS NULL AND u.lo < u.hi
-    UNION ALL
-    SELECT t.tenant_id, t.hour, u.lo, u.hi
-    FROM uncovered u
-    JOIN model_usage_tenant_hourly t
-      ON t.tenant_id = only_tenant AND t.hour >= u.lo - interval '7 days' AND t.hour < u.hi
+    CROSS JOIN LATERAL (
+        SELECT t.tenant_id, t.hour FROM model_usage_tenant_hourly t
+        WHERE only_tenant IS NULL AND t.hour >= u.lo - interval '7 days' AND t.hour < u.hi
+        UNION ALL
+        SELECT t.tenant_id, t.hour FROM model_usage_tenant_hourly t
+        WHERE t.tenant_id = only_tenant AND t.hour >= u.lo - interval '7 days'
+          AND t.hour < u.hi
+    ) AS s
     WHERE u.lo < u.hi
 ),
 candidates AS (
@@ -588,19 +621,25 @@ candidates AS (
 ),
 computed AS (
     SELECT c.tenant_id, c.hour, x.kind, x.req_median, x.req_mad, x.cost_median, x.cost_mad,
-           x.err_median, x.err_mad
+           x.err_median, x.err_mad,
+           coalesce(o.requests, 0)::float8 AS obs_requests,
+           coalesce(o.errors, 0)::float8 AS obs_errors,
+           coalesce(o.cost_usd, 0)::float8 AS obs_cost
     FROM candidates c
     CROSS JOIN LATERAL llm_gateway_usage_baseline(
         c.tenant_id, c.hour,
         (SELECT min(f.hour) FROM model_usage_tenant_hourly f WHERE f.tenant_id = c.tenant_id)) x
+    LEFT JOIN model_usage_tenant_hourly o ON o.tenant_id = c.tenant_id AND o.hour = c.hour
     WHERE x.kind IS NOT NULL
 ),
 samples AS (
-    SELECT b.*, coalesce(o.requests, 0)::float8 AS obs_requests,
+    SELECT p.*, coalesce(o.requests, 0)::float8 AS obs_requests,
            coalesce(o.errors, 0)::float8 AS obs_errors,
            coalesce(o.cost_usd, 0)::float8 AS obs_cost
-    FROM (SELECT * FROM pre UNION ALL SELECT * FROM computed) AS b
-    LEFT JOIN model_usage_tenant_hourly o ON o.tenant_id = b.tenant_id AND o.hour = b.hour
+    FROM pre p
+    LEFT JOIN pre_observed o ON o.tenant_id = p.tenant_id AND o.hour = p.hour
+    UNION ALL
+    SELECT * FROM computed
 ),
 scored AS (
     SELECT sa.tenant_id, sa.hour, 'requests' AS metric, sa.obs_requests AS observed,
@@ -630,7 +669,8 @@ scored AS (
 SELECT s.tenant_id, s.hour, s.metric, s.observed, s.expected, s.score
 FROM scored s
 WHERE s.eligible AND s.score >= min_score
-ORDER BY s.hour, s.tenant_id, s.metric
+ORDER BY s.hour, s.tenant_id, s.metric;
+END
 $$;
 COMMENT ON FUNCTION llm_gateway_usage_anomalies(timestamptz, uuid, double precision,
                                                 double precision, timestamptz) IS

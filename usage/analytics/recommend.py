@@ -86,12 +86,12 @@ LEFT JOIN percentiles p USING (endpoint, provider, model_name)
 ORDER BY u.endpoint, CASE WHEN u.unpriced < u.requests THEN u.cost_usd END DESC NULLS LAST
 """
 
-# Success rates per provider and model: the tenant's (hourly rollup), all tenants' (daily).
+# Success rates per provider and model: the tenant's (endpoint rollup), all tenants' (daily).
 _TENANT_RATES_SQL: Final = """
 SELECT provider, model_name, sum(requests)::bigint AS requests,
-       coalesce(sum(requests) FILTER (WHERE status = 'success'), 0)::bigint AS successes
-FROM model_usage_hourly
-WHERE tenant_id = $1 AND hour >= $2
+       sum(successes)::bigint AS successes
+FROM model_usage_endpoint_daily
+WHERE tenant_id = $1 AND day >= $2::date
 GROUP BY 1, 2
 """
 _GLOBAL_RATES_SQL: Final = """
@@ -163,8 +163,9 @@ async def recommend_models(
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(str(tenant_id))
     since = (now or datetime.now(UTC)) - timedelta(days=days)
     async with pool.acquire() as conn:
-        in_use_rows = await conn.fetch(_IN_USE_SQL, tid, since.astimezone(UTC).date())
-        tenant_rates = _rates(await conn.fetch(_TENANT_RATES_SQL, tid, since))
+        first_day = since.astimezone(UTC).date()
+        in_use_rows = await conn.fetch(_IN_USE_SQL, tid, first_day)
+        tenant_rates = _rates(await conn.fetch(_TENANT_RATES_SQL, tid, first_day))
         global_rates = _rates(await conn.fetch(_GLOBAL_RATES_SQL, since.date()))
     in_use = [
         ModelInUse(
