@@ -453,6 +453,7 @@ DECLARE
                              AT TIME ZONE 'UTC';
     day_lo    date;
     day_hi    date;
+    d         date;
     n_hours   bigint;
     n_groups  bigint;
 BEGIN
@@ -502,18 +503,32 @@ BEGIN
     END IF;
 
     IF lo < staged THEN
-        -- Hours the working set does not hold: recompute their whole days from raw rows.
-        DELETE FROM model_usage_user_daily WHERE day >= day_lo AND day < day_hi;
-        DELETE FROM model_usage_user_day WHERE day >= day_lo AND day < day_hi;
-        DELETE FROM model_usage_endpoint_daily WHERE day >= day_lo AND day < day_hi;
-        DELETE FROM model_usage_latency_daily WHERE day >= day_lo AND day < day_hi;
-        DELETE FROM model_usage_tag_daily WHERE day >= day_lo AND day < day_hi;
-        DELETE FROM model_usage_recent
-        WHERE hour >= day_lo::timestamp AT TIME ZONE 'UTC'
-          AND hour < day_hi::timestamp AT TIME ZONE 'UTC';
-        n_groups := llm_gateway_apply_usage_analytics(day_lo::timestamp AT TIME ZONE 'UTC',
-                                                      day_hi::timestamp AT TIME ZONE 'UTC',
-                                                      staged);
+        -- Hours the working set does not hold: recompute their whole days from raw rows, one
+        -- day per statement (a back-fill of months stays a series of small aggregates).
+        -- Only the days with rows now (the hourly rollup was just refreshed from them) or
+        -- before (the daily rollup): the range may be open-ended ('infinity').
+        SELECT least((SELECT (min(h.hour) AT TIME ZONE 'UTC')::date FROM model_usage_hourly h
+                      WHERE h.hour >= lo AND h.hour < hi),
+                     (SELECT min(u.day) FROM model_usage_user_day u
+                      WHERE u.day >= day_lo AND u.day < day_hi)),
+               greatest((SELECT (max(h.hour) AT TIME ZONE 'UTC')::date FROM model_usage_hourly h
+                         WHERE h.hour >= lo AND h.hour < hi),
+                        (SELECT max(u.day) FROM model_usage_user_day u
+                         WHERE u.day >= day_lo AND u.day < day_hi))
+        INTO day_lo, day_hi;
+        n_groups := 0;
+        FOR d IN SELECT generate_series(day_lo, day_hi, interval '1 day')::date LOOP
+            DELETE FROM model_usage_user_daily WHERE day = d;
+            DELETE FROM model_usage_user_day WHERE day = d;
+            DELETE FROM model_usage_endpoint_daily WHERE day = d;
+            DELETE FROM model_usage_latency_daily WHERE day = d;
+            DELETE FROM model_usage_tag_daily WHERE day = d;
+            DELETE FROM model_usage_recent
+            WHERE hour >= d::timestamp AT TIME ZONE 'UTC'
+              AND hour < (d + 1)::timestamp AT TIME ZONE 'UTC';
+            n_groups := n_groups + llm_gateway_apply_usage_analytics(
+                d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC', staged);
+        END LOOP;
     ELSE
         n_groups := llm_gateway_apply_usage_analytics(lo, hi, staged);
     END IF;
