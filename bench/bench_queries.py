@@ -5,6 +5,8 @@ How to run (PostgreSQL reachable through an admin DSN that may create databases)
     python bench/bench_queries.py                  # 10 M rows: ~8 min on 2 CPUs, ~6 GB disk
     python bench/bench_queries.py --rows 200000    # quick check
     python bench/bench_queries.py --dsn postgresql://postgres@db:5432/postgres --runs 9
+    python bench/bench_queries.py --keep            # keep the 10 M rows for later runs ...
+    python bench/bench_queries.py --reuse --jit-off-only   # ... and measure again on them
 
 What it does:
 
@@ -29,7 +31,9 @@ What is measured: client-side wall time of one execution (parse, plan, execute a
 every result row over a local TCP connection), as psql would see it: the tenant is inlined as
 a literal, as psql's ``:'tenant_id'`` does, and no prepared statement is reused, so every run
 is planned for its tenant. One warm-up run, then the median of ``--runs`` runs (warm cache).
-The database is dropped at the end unless ``--keep`` is given.
+The database is dropped at the end unless ``--keep`` is given. ``--reuse`` measures again on
+a kept database (new migrations are applied; nothing is regenerated; a few maintenance runs
+first). Figures are "median (min-max)" over the runs.
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ class Result:
     jit_off_ms: float
     jit_on_ms: float
     jit_forced_ms: float
+    jit_off_spread: str
 
 
 def _dsn_for(admin_dsn: str, database: str) -> str:
@@ -201,7 +206,7 @@ def _load_query(name: str, tenant: int | None) -> str:
     return sql.replace(":'user_id'", "'user-1'")
 
 
-async def _time_query(conn: asyncpg.Connection, sql: str, runs: int) -> tuple[float, int]:
+async def _time_query(conn: asyncpg.Connection, sql: str, runs: int) -> tuple[float, int, str]:
     await conn.fetch(sql)  # warm-up
     timings: list[float] = []
     result_rows = 0
@@ -210,10 +215,12 @@ async def _time_query(conn: asyncpg.Connection, sql: str, runs: int) -> tuple[fl
         result = await conn.fetch(sql)
         timings.append((time.perf_counter() - started) * 1000)
         result_rows = len(result)
-    return statistics.median(timings), result_rows
+    return statistics.median(timings), result_rows, f"{min(timings):.1f}-{max(timings):.1f}"
 
 
-async def _bench_queries(conn: asyncpg.Connection, runs: int) -> list[Result]:
+async def _bench_queries(
+    conn: asyncpg.Connection, runs: int, jit_off_only: bool = False
+) -> list[Result]:
     results: list[Result] = []
     tenants: list[tuple[str, int | None]] = [
         (f"typical (#{TYPICAL_TENANT})", TYPICAL_TENANT),
@@ -222,18 +229,23 @@ async def _bench_queries(conn: asyncpg.Connection, runs: int) -> list[Result]:
     for path in sorted(MONITORING.glob("*.sql")):
         text = path.read_text()
         per_tenant = ":'tenant_id'" in text
-        source = "rollup" if path.stem.endswith("_rollup") else "raw"
+        body = "\n".join(line for line in text.splitlines() if not line.startswith("--"))
+        source = "raw" if "model_usage_stats" in body else "rollup"
         query = path.stem.removesuffix("_rollup")
         for label, tenant in tenants if per_tenant else [("all tenants", None)]:
             sql = _load_query(path.name, tenant)
             await conn.execute("SET jit = off")
-            off_ms, result_rows = await _time_query(conn, sql, runs)
-            await conn.execute("SET jit = on")
-            on_ms, _ = await _time_query(conn, sql, runs)
-            await conn.execute("SET jit_above_cost = 0")
-            forced_ms, _ = await _time_query(conn, sql, runs)
-            await conn.execute("RESET jit_above_cost")
-            results.append(Result(query, source, label, result_rows, off_ms, on_ms, forced_ms))
+            off_ms, result_rows, spread = await _time_query(conn, sql, runs)
+            on_ms = forced_ms = float("nan")
+            if not jit_off_only:
+                await conn.execute("SET jit = on")
+                on_ms, _, _ = await _time_query(conn, sql, runs)
+                await conn.execute("SET jit_above_cost = 0")
+                forced_ms, _, _ = await _time_query(conn, sql, runs)
+                await conn.execute("RESET jit_above_cost")
+            results.append(
+                Result(query, source, label, result_rows, off_ms, on_ms, forced_ms, spread)
+            )
     await conn.execute("RESET jit")
     return sorted(results, key=lambda r: (r.query, r.tenant, r.source))
 
@@ -241,14 +253,15 @@ async def _bench_queries(conn: asyncpg.Connection, runs: int) -> list[Result]:
 def _print_table(results: Sequence[Result]) -> None:
     header = (
         f"{'query':<30} {'source':<7} {'tenant':<15} {'rows out':>8} "
-        f"{'jit=off ms':>11} {'jit=on ms':>10} {'jit forced ms':>14}"
+        f"{'jit=off ms':>11} {'(min-max)':>15} {'jit=on ms':>10} {'jit forced ms':>14}"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         print(
             f"{r.query:<30} {r.source:<7} {r.tenant:<15} {r.result_rows:>8} "
-            f"{r.jit_off_ms:>11.1f} {r.jit_on_ms:>10.1f} {r.jit_forced_ms:>14.1f}"
+            f"{r.jit_off_ms:>11.1f} {r.jit_off_spread:>15} {r.jit_on_ms:>10.1f} "
+            f"{r.jit_forced_ms:>14.1f}"
         )
 
 
@@ -267,14 +280,61 @@ async def _timed(conn: asyncpg.Connection, sql: str) -> float:
     return time.perf_counter() - started
 
 
-async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
+async def _database_has_rows(admin_dsn: str) -> bool:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB_NAME):
+            return False
+    finally:
+        await conn.close()
+    conn = await asyncpg.connect(_dsn_for(admin_dsn, DB_NAME))
+    try:
+        return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM model_usage_stats)"))
+    finally:
+        await conn.close()
+
+
+async def _populate(conn: asyncpg.Connection, dsn: str, rows: int) -> tuple[float, ...]:
+    """Generate the rows and back-fill the rollups; the times of each step, in seconds."""
+    now: datetime = await conn.fetchval("SELECT now()")
+    start = now - timedelta(days=DAYS)
+    await conn.execute("SELECT llm_gateway_ensure_usage_partitions(3, 4)")
+    print(f"Generating {rows:,} rows over {DAYS} days for {TENANTS:,} tenants ...")
+    started = time.perf_counter()
+    await _generate(dsn, rows, start)
+    generate_s = time.perf_counter() - started
+    vacuum_s = await _timed(conn, "VACUUM ANALYZE model_usage_stats")
+    analyze_s = await _timed(conn, "ANALYZE model_usage_stats")
+    # Back-fill the whole rollup in one maintenance run.
+    await conn.execute(
+        "SELECT llm_gateway_set_setting('usage_stats_analyzed_at', now()::text);"
+        "SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '100000')"
+    )
+    backfill_s = await _timed(conn, "SELECT llm_gateway_maintain_usage()")
+    await conn.execute("SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '168')")
+    await conn.execute("VACUUM ANALYZE")
+    return generate_s, vacuum_s, analyze_s, backfill_s
+
+
+async def run(
+    admin_dsn: str,
+    rows: int,
+    runs: int,
+    keep: bool,
+    reuse: bool = False,
+    jit_off_only: bool = False,
+) -> None:
     # Imported here so ``--help`` works without the package installed.
     from llm_gateway.migrate import apply_migrations
 
     dsn = _dsn_for(admin_dsn, DB_NAME)
-    await _recreate_database(admin_dsn)
+    reusing = reuse and await _database_has_rows(admin_dsn)
+    if not reusing:
+        await _recreate_database(admin_dsn)
     try:
+        migrate_s = time.perf_counter()
         await apply_migrations(dsn)
+        migrate_s = time.perf_counter() - migrate_s
         conn = await asyncpg.connect(dsn, statement_cache_size=0)
         try:
             settings = await conn.fetch(
@@ -282,32 +342,19 @@ async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
                 ["shared_buffers", "work_mem", "max_parallel_workers_per_gather", "jit_above_cost"],
             )
             version = await conn.fetchval("SHOW server_version")
-            print(f"PostgreSQL {version}; CPUs here: {os.cpu_count()}")
+            print(f"PostgreSQL {version}; CPUs here: {os.cpu_count()}; load {os.getloadavg()}")
             print(
                 "  " + ", ".join(f"{s['name']}={s['setting']}{s['unit'] or ''}" for s in settings)
             )
-
-            now: datetime = await conn.fetchval("SELECT now()")
-            start = now - timedelta(days=DAYS)
-            await conn.execute("SELECT llm_gateway_ensure_usage_partitions(3, 4)")
-
-            print(f"Generating {rows:,} rows over {DAYS} days for {TENANTS:,} tenants ...")
-            started = time.perf_counter()
-            await _generate(dsn, rows, start)
-            generate_s = time.perf_counter() - started
-            vacuum_s = await _timed(conn, "VACUUM ANALYZE model_usage_stats")
-            analyze_s = await _timed(conn, "ANALYZE model_usage_stats")
-
-            # Back-fill the whole rollup in one maintenance run, then time a normal run.
-            await conn.execute(
-                "SELECT llm_gateway_set_setting('usage_stats_analyzed_at', now()::text);"
-                "SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '100000')"
-            )
-            backfill_s = await _timed(conn, "SELECT llm_gateway_maintain_usage()")
-            await conn.execute(
-                "SELECT llm_gateway_set_setting('usage_rollup_max_hours_per_run', '168')"
-            )
-            await conn.execute("VACUUM ANALYZE model_usage_hourly")
+            if reusing:
+                rows = await conn.fetchval("SELECT count(*) FROM model_usage_stats")
+                print(f"Reusing {DB_NAME} ({rows:,} rows); migrations applied in {migrate_s:.1f} s")
+                generate_s = vacuum_s = analyze_s = backfill_s = float("nan")
+                await conn.execute("VACUUM ANALYZE")
+            else:
+                generate_s, vacuum_s, analyze_s, backfill_s = await _populate(conn, dsn, rows)
+            # Steady state: what the usage writer pays every few minutes.
+            await conn.execute("SELECT llm_gateway_maintain_usage()")
             steady = [await _timed(conn, "SELECT llm_gateway_maintain_usage()") for _ in range(5)]
 
             sizes = await conn.fetchrow(
@@ -338,7 +385,8 @@ async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
                 f"VACUUM ANALYZE {vacuum_s:.1f} s; parent ANALYZE (daily in maintenance) "
                 f"{analyze_s:.1f} s; rollup back-fill of {DAYS} days {backfill_s:.1f} s; "
                 f"steady-state llm_gateway_maintain_usage() median "
-                f"{statistics.median(steady) * 1000:.0f} ms"
+                f"{statistics.median(steady) * 1000:.0f} ms "
+                f"({min(steady) * 1000:.0f}-{max(steady) * 1000:.0f}, 5 runs)"
             )
             for label, k in (("typical", TYPICAL_TENANT), ("heaviest", HEAVY_TENANT)):
                 counts = await conn.fetchrow(
@@ -379,7 +427,7 @@ async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
                     f" {_tenant_uuid_sql(k)} AND session_id IS NOT NULL"
                     ' ORDER BY "timestamp" DESC LIMIT 1'
                 )
-            _print_table(await _bench_queries(conn, runs))
+            _print_table(await _bench_queries(conn, runs, jit_off_only))
             await _bench_analytics(conn, dsn, runs)
         finally:
             await conn.close()
@@ -388,14 +436,32 @@ async def run(admin_dsn: str, rows: int, runs: int, keep: bool) -> None:
             await _drop_database(admin_dsn)
 
 
-async def _median_ms(call: Callable[[], Awaitable[object]], runs: int) -> float:
+ROLLUPS = (
+    "model_usage_hourly",
+    "model_usage_daily_totals",
+    "model_usage_user_daily",
+    "model_usage_tenant_hourly",
+    "model_usage_user_day",
+    "model_usage_endpoint_daily",
+    "model_usage_latency_daily",
+    "model_usage_tag_daily",
+    "model_usage_recent",
+    "model_usage_tenant_baseline",
+)
+
+
+def _spread(timings: Sequence[float]) -> str:
+    return f"{statistics.median(timings):,.1f} ({min(timings):,.1f}-{max(timings):,.1f})"
+
+
+async def _median_ms(call: Callable[[], Awaitable[object]], runs: int) -> str:
     await call()  # warm-up
     timings = []
     for _ in range(runs):
         started = time.perf_counter()
         await call()
         timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
+    return _spread(timings)
 
 
 async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> None:
@@ -406,22 +472,42 @@ async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> Non
     from usage.analytics.report import GROUPINGS, usage_report
     from usage.pricing import default_price_book
 
-    sizes = await conn.fetch(
-        """
-        SELECT t AS name, (SELECT reltuples::bigint FROM pg_class WHERE oid = t::regclass) AS rows,
-               pg_total_relation_size(t::regclass) AS bytes
-        FROM unnest(ARRAY['model_usage_hourly', 'model_usage_daily_totals',
-                          'model_usage_user_daily', 'model_usage_tenant_hourly']) AS t
-        """
-    )
     print("\nRollups (rows estimated by ANALYZE):")
-    for r in sizes:
-        print(f"  {r['name']:<28} {r['rows']:>12,} rows {r['bytes'] / 2**20:>8,.0f} MiB")
+    for table in ROLLUPS:
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            await conn.execute(f"ANALYZE {table}")
+            r = await conn.fetchrow(
+                "SELECT reltuples::bigint AS rows, pg_total_relation_size(oid) AS bytes"
+                " FROM pg_class WHERE oid = $1::regclass",
+                table,
+            )
+            assert r is not None
+            print(f"  {table:<28} {r['rows']:>12,} rows {r['bytes'] / 2**20:>8,.0f} MiB")
     # What one steady maintenance run recomputes: the last 3 hours (and their UTC days).
     window = "now() - interval '3 hours', now()"
     for fn in ("llm_gateway_refresh_usage_hourly_base", "llm_gateway_refresh_usage_analytics"):
         times = [await _timed(conn, f"SELECT {fn}({window})") for _ in range(3)]
-        print(f"  {fn}(last 3 h): median {statistics.median(times) * 1000:,.0f} ms")
+        print(f"  {fn}(last 3 h): {_spread([t * 1000 for t in times])} ms")
+    # A maintenance run every 5 minutes, each after 5 minutes of traffic at the generator's
+    # average rate (rows spread over the last 5 minutes), as the usage writer sees it.
+    per_run = max(1, round(await conn.fetchval("SELECT count(*) FROM model_usage_stats")
+                           / (DAYS * 24 * 12)))  # fmt: skip
+    times = []
+    for _ in range(5):
+        start = await conn.fetchval("SELECT now() - interval '5 minutes'")
+        # Row g lands at start + (g - 1) / $3 * 90 days: these per_run rows fill 5 minutes.
+        await conn.execute(GENERATE, 1, per_run, per_run * DAYS * 288, start)
+        times.append(await _timed(conn, "SELECT llm_gateway_maintain_usage()") * 1000)
+    print(f"  llm_gateway_maintain_usage() after {per_run:,} new rows: {_spread(times)} ms")
+    if await conn.fetchval("SELECT to_regproc('llm_gateway_compute_usage_baselines') IS NOT NULL"):
+        this_hour = "date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        times = []
+        for _ in range(3):
+            await conn.execute(f"DELETE FROM model_usage_tenant_baseline WHERE hour = {this_hour}")
+            times.append(await _timed(
+                conn, f"SELECT llm_gateway_compute_usage_baselines({this_hour},"
+                f" {this_hour} + interval '1 hour')") * 1000)  # fmt: skip
+        print(f"  baselines of a new hour (first run in each hour): {_spread(times)} ms")
 
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     assert pool is not None
@@ -434,7 +520,7 @@ async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> Non
             CandidateModel("groq", "llama-3.1-8b", 131_072),
         ]
         since_30d = datetime.now(UTC) - timedelta(days=30)
-        rows: list[tuple[str, str, float]] = []
+        rows: list[tuple[str, str, str]] = []
         for label, k in (("typical", TYPICAL_TENANT), ("heaviest", HEAVY_TENANT)):
             tid = await conn.fetchval(f"SELECT {_tenant_uuid_sql(k)}")
             calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
@@ -467,12 +553,13 @@ async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> Non
             )  # fmt: skip
     finally:
         await pool.close()
-    print(f"\nAnalytics calls (Python, jit off), median of {runs} runs:")
+    print(f"\nAnalytics calls (Python, jit off), ms, median (min-max) of {runs} runs:")
     for name, label, ms in rows:
-        print(f"  {name:<28} {label:<12} {ms:>8.1f} ms")
+        print(f"  {name:<28} {label:<12} {ms:>24}")
 
 
 def main() -> None:
+    global DB_NAME
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=10_000_000)
     parser.add_argument("--runs", type=int, default=7)
@@ -484,8 +571,16 @@ def main() -> None:
         help="admin DSN; the benchmark database is created next to it",
     )
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure on a kept database (implies --keep)"
+    )
+    parser.add_argument("--jit-off-only", action="store_true", help="skip the JIT columns")
+    parser.add_argument("--database", default=DB_NAME, help=f"default {DB_NAME}")
     args = parser.parse_args()
-    asyncio.run(run(args.dsn, args.rows, args.runs, args.keep))
+    DB_NAME = args.database
+    asyncio.run(
+        run(args.dsn, args.rows, args.runs, args.keep or args.reuse, args.reuse, args.jit_off_only)
+    )
 
 
 if __name__ == "__main__":

@@ -250,7 +250,9 @@ async def test_rollups_follow_late_and_vanished_rows(
     assert await pg.fetchrow(series, tenant) is None and await pg.fetchval(users, tenant) is None
 
 
-async def test_session_and_tag_files(pg_dsn: str, tracker: ModelUsageTracker) -> None:
+async def test_session_and_tag_files(
+    pg_dsn: str, pg: asyncpg.Connection, tracker: ModelUsageTracker
+) -> None:
     tenant = uuid.uuid4()
     now = datetime.now(UTC) - timedelta(minutes=5)
     for i in range(30):
@@ -267,6 +269,10 @@ async def test_session_and_tag_files(pg_dsn: str, tracker: ModelUsageTracker) ->
         ("s0", 10, Decimal("0.025000")),
     ]
     one = _psql(pg_dsn, "session_cost.sql", tenant_id=str(tenant), session_id="s1")
+    # Tag spend is served from a rollup: what maintenance refreshes every few minutes.
+    await pg.execute(
+        "SELECT llm_gateway_refresh_usage_hourly($1, $2)", now - timedelta(hours=1), now
+    )
     assert (one[0][0], int(one[0][1]), Decimal(one[0][4])) == ("s1", 10, Decimal("0.050000"))
     tags = {(r[1], int(r[2]), Decimal(r[3])) for r in _psql(pg_dsn, "tag_spend_daily.sql",
                                                            tenant_id=str(tenant))}  # fmt: skip
@@ -280,7 +286,9 @@ async def test_session_and_tag_files(pg_dsn: str, tracker: ModelUsageTracker) ->
 # --- recommendations -----------------------------------------------------------------------
 
 
-async def test_recommendations(pg: asyncpg.Connection, tracker: ModelUsageTracker) -> None:
+async def test_recommendations(
+    pg_dsn: str, pg: asyncpg.Connection, tracker: ModelUsageTracker
+) -> None:
     tenant, others = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC) - timedelta(minutes=5)
 
@@ -312,7 +320,15 @@ async def test_recommendations(pg: asyncpg.Connection, tracker: ModelUsageTracke
     assert (use.endpoint, use.model_name, use.requests, use.success_rate) == (
         "/summarise", "gpt-4o", 100, 0.98,
     )  # fmt: skip
+    # Latencies 100..197 ms on the successes: p50 148.5, p95 192.15; the rollup's histogram
+    # (buckets 15 % wide) gives them within 7.5 %.
     assert use.p50_latency_ms is not None and use.p95_latency_ms is not None
+    assert abs(use.p50_latency_ms / 148.5 - 1) <= 0.075
+    assert abs(use.p95_latency_ms / 192.15 - 1) <= 0.075
+    (by_file,) = _psql(pg_dsn, "models_by_endpoint.sql", tenant_id=str(tenant))
+    assert by_file[:4] == ["/summarise", "openai", "gpt-4o", "100"]
+    assert Decimal(by_file[5]) == Decimal("0.98")
+    assert float(by_file[6]) == pytest.approx(use.p50_latency_ms, abs=0.05)
     current = (Decimal("2.50") * 3000 + Decimal("10.00") * 200) * 100 / 10**6
     assert use.cost_usd == current and use.cost_per_1k_requests == current * 10
     assert [(r.provider, r.model) for r in recs] == [

@@ -8,8 +8,11 @@ tenants would be hundreds of thousands of raw rows.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -149,6 +152,44 @@ async def test_planted_anomalies_found_with_precision_and_recall(
     bursts = [a for a in found if a.metric == "error_rate"]
     assert bursts and all(a.observed > 0.3 and a.expected < 0.05 for a in bursts)
 
+    # Baselines precomputed (what maintenance does for the last 8 days) give the same answer,
+    # and the detector reads them: a planted spike whose stored baseline is moved up to it
+    # is no longer reported.
+    saved = await pg.fetch(
+        "SELECT key, value FROM llm_gateway_settings WHERE key LIKE 'usage_baselines_covered_%'"
+    )
+    try:
+        await pg.execute(
+            "SELECT llm_gateway_compute_usage_baselines($1, $2)",
+            THIS_HOUR - SCORED - timedelta(hours=1),
+            THIS_HOUR + timedelta(hours=1),
+        )
+        stored = await pg.fetchval(
+            "SELECT count(*) FROM model_usage_tenant_baseline WHERE tenant_id = ANY($1::uuid[])",
+            list(mine),
+        )
+        assert stored >= len(mine) * 24 * 7
+        again = [
+            a for a in await tracker.detect_anomalies(since=SCORED, now=NOW) if a.tenant_id in mine
+        ]
+        assert again == found
+        moved = next(a for a in found if a.metric == "requests" and a.observed > a.expected)
+        await pg.execute(
+            "UPDATE model_usage_tenant_baseline SET req_median = $3"
+            " WHERE tenant_id = $1 AND hour = $2",
+            moved.tenant_id,
+            moved.hour,
+            moved.observed,
+        )
+        after = await tracker.detect_anomalies(since=SCORED, tenant_id=moved.tenant_id, now=NOW)
+        assert (moved.hour, "requests") not in {(a.hour, a.metric) for a in after}
+    finally:
+        await pg.execute(
+            "DELETE FROM model_usage_tenant_baseline WHERE hour >= $1", THIS_HOUR - HISTORY
+        )
+        for r in saved:
+            await pg.execute("SELECT llm_gateway_set_setting($1, $2)", r["key"], r["value"])
+
 
 async def test_one_tenant_and_min_score(pg: asyncpg.Connection, tracker: ModelUsageTracker) -> None:
     rng = random.Random(7)
@@ -175,3 +216,78 @@ async def test_tenant_too_young_is_not_scored(
     await store(pg, tenant, data)
     # Under three days of history: no baseline, nothing reported (rather than noise).
     assert await tracker.detect_anomalies(since=SCORED, tenant_id=tenant, now=NOW) == []
+
+
+# --- the scheduled check: NOTIFY once per new anomaly ----------------------------------------
+
+_NOTIFY_CHILD = """
+import asyncio, sys
+import asyncpg
+
+async def main() -> None:
+    conn = await asyncpg.connect(sys.argv[1])
+    try:
+        await conn.execute(sys.argv[2])
+    finally:
+        await conn.close()
+
+asyncio.run(main())
+"""
+
+
+async def _in_process(dsn: str, sql: str) -> None:
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", _NOTIFY_CHILD, dsn, sql)
+    assert await child.wait() == 0
+
+
+async def test_maintenance_notifies_each_new_anomaly_once(
+    pg: asyncpg.Connection, pg_dsn: str
+) -> None:
+    """Real raw rows, real hours: a tenant seen 4 days ago at this time with 10 requests an
+    hour, then 60 two hours ago. Maintenance (and the check run from other processes at once)
+    announces that hour's requests and cost anomalies once each."""
+    tenant = uuid.uuid4()
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    spike = this_hour - timedelta(hours=2)
+    batches = [(spike - timedelta(days=d), 10) for d in range(1, 5)] + [(spike, 60)]
+    for hour, n in batches:
+        await pg.execute(
+            "INSERT INTO model_usage_stats (id, tenant_id, provider, model_name, latency_ms,"
+            ' input_tokens, output_tokens, estimated_cost_usd, status, "timestamp")'
+            " SELECT gen_random_uuid(), $1, 'openai', 'notify-test', 100, 10, 10, 0.01,"
+            " 'success', $2::timestamptz + i * interval '1 second'"
+            " FROM generate_series(1, $3) AS i",
+            tenant,
+            hour,
+            n,
+        )
+    await pg.execute(
+        "SELECT llm_gateway_refresh_usage_hourly($1, $2)",
+        spike - timedelta(days=4),
+        this_hour + timedelta(hours=1),
+    )
+
+    received: list[dict[str, object]] = []
+    listener = await asyncpg.connect(pg_dsn)
+    try:
+        await listener.add_listener(
+            "llm_gateway_events", lambda *args: received.append(json.loads(args[3]))
+        )
+        maintain = "SELECT * FROM llm_gateway_maintain_usage()"
+        check = "SELECT llm_gateway_notify_usage_anomalies()"
+        await pg.fetchrow(maintain)
+        await asyncio.gather(
+            _in_process(pg_dsn, check), _in_process(pg_dsn, check), _in_process(pg_dsn, maintain)
+        )
+        await pg.fetchrow(maintain)
+        await asyncio.sleep(0.5)  # notifications are delivered after each COMMIT
+    finally:
+        await listener.close()
+
+    mine = [e for e in received if e.get("tenant_id") == str(tenant)]
+    assert sorted(str(e["metric"]) for e in mine) == ["cost", "requests"], received
+    for event in mine:
+        assert event["type"] == "usage_anomaly"
+        assert datetime.fromisoformat(str(event["hour"])) == spike
+    requests = next(e for e in mine if e["metric"] == "requests")
+    assert (requests["observed"], requests["expected"]) == (60, 10)

@@ -1,7 +1,9 @@
 """Model-switch recommendations per tenant and endpoint, from the ledger's last 30 days.
 
 For each endpoint and model a tenant uses: cost per 1,000 requests, success rate, p50/p95
-latency (successful attempts), and the cheaper models it could switch to. A candidate model
+latency (successful attempts, from a histogram: within 7.5 %), and the cheaper models it could
+switch to. Read from the daily rollups (``model_usage_endpoint_daily``,
+``model_usage_latency_daily``), so the window starts at the UTC day ``days`` back. A candidate model
 must be:
 
 * usable by the tenant: the caller passes the candidates (:class:`CandidateModel`), e.g. from
@@ -42,32 +44,54 @@ __all__ = [
 
 _MILLION: Final = Decimal(1_000_000)
 
-# Raw rows of the tenant's window (index model_usage_stats_tenant_time): percentiles need them.
+# From the daily rollups of migration 009 (the window starts at the UTC day of ``since``):
+# per endpoint and model, and the latency histogram of successful attempts (buckets 15 % wide:
+# a percentile is the geometric middle of its bucket, within 7.5 % of the exact value).
 _IN_USE_SQL: Final = """
-SELECT coalesce(endpoint, '') AS endpoint, provider, model_name,
-       count(*) AS requests,
-       count(*) FILTER (WHERE status = 'success') AS successes,
-       coalesce(sum(estimated_cost_usd), 0) AS cost_usd,
-       count(*) FILTER (WHERE estimated_cost_usd IS NULL) AS unpriced,
-       coalesce(sum(input_tokens) FILTER (WHERE status = 'success'), 0) AS input_tokens,
-       coalesce(sum(output_tokens) FILTER (WHERE status = 'success'), 0) AS output_tokens,
-       coalesce(max(total_tokens), 0) AS max_tokens,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms)
-           FILTER (WHERE status = 'success') AS p50_ms,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms)
-           FILTER (WHERE status = 'success') AS p95_ms
-FROM model_usage_stats
-WHERE tenant_id = $1 AND "timestamp" >= $2
-GROUP BY 1, 2, 3
-ORDER BY 1, sum(estimated_cost_usd) DESC NULLS LAST
+WITH uses AS (
+    SELECT endpoint, provider, model_name,
+           sum(requests)::bigint AS requests,
+           sum(successes)::bigint AS successes,
+           sum(cost_usd) AS cost_usd,
+           sum(unpriced_requests)::bigint AS unpriced,
+           sum(ok_input_tokens)::bigint AS input_tokens,
+           sum(ok_output_tokens)::bigint AS output_tokens,
+           coalesce(max(max_total_tokens), 0) AS max_tokens
+    FROM model_usage_endpoint_daily
+    WHERE tenant_id = $1 AND day >= $2::date
+    GROUP BY 1, 2, 3
+),
+buckets AS (
+    SELECT endpoint, provider, model_name, bucket, sum(successes) AS n
+    FROM model_usage_latency_daily
+    WHERE tenant_id = $1 AND day >= $2::date
+    GROUP BY 1, 2, 3, 4
+),
+cumulative AS (
+    SELECT endpoint, provider, model_name, bucket,
+           sum(n) OVER (PARTITION BY endpoint, provider, model_name ORDER BY bucket) AS upto,
+           sum(n) OVER (PARTITION BY endpoint, provider, model_name) AS total
+    FROM buckets
+),
+percentiles AS (
+    SELECT endpoint, provider, model_name,
+           min(bucket) FILTER (WHERE upto >= 0.5 * total) AS b50,
+           min(bucket) FILTER (WHERE upto >= 0.95 * total) AS b95
+    FROM cumulative
+    GROUP BY 1, 2, 3
+)
+SELECT u.*, power(1.15, p.b50 + 0.5)::float8 AS p50_ms, power(1.15, p.b95 + 0.5)::float8 AS p95_ms
+FROM uses u
+LEFT JOIN percentiles p USING (endpoint, provider, model_name)
+ORDER BY u.endpoint, CASE WHEN u.unpriced < u.requests THEN u.cost_usd END DESC NULLS LAST
 """
 
-# Success rates per provider and model: the tenant's (hourly rollup), all tenants' (daily).
+# Success rates per provider and model: the tenant's (endpoint rollup), all tenants' (daily).
 _TENANT_RATES_SQL: Final = """
 SELECT provider, model_name, sum(requests)::bigint AS requests,
-       coalesce(sum(requests) FILTER (WHERE status = 'success'), 0)::bigint AS successes
-FROM model_usage_hourly
-WHERE tenant_id = $1 AND hour >= $2
+       sum(successes)::bigint AS successes
+FROM model_usage_endpoint_daily
+WHERE tenant_id = $1 AND day >= $2::date
 GROUP BY 1, 2
 """
 _GLOBAL_RATES_SQL: Final = """
@@ -139,8 +163,9 @@ async def recommend_models(
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(str(tenant_id))
     since = (now or datetime.now(UTC)) - timedelta(days=days)
     async with pool.acquire() as conn:
-        in_use_rows = await conn.fetch(_IN_USE_SQL, tid, since)
-        tenant_rates = _rates(await conn.fetch(_TENANT_RATES_SQL, tid, since))
+        first_day = since.astimezone(UTC).date()
+        in_use_rows = await conn.fetch(_IN_USE_SQL, tid, first_day)
+        tenant_rates = _rates(await conn.fetch(_TENANT_RATES_SQL, tid, first_day))
         global_rates = _rates(await conn.fetch(_GLOBAL_RATES_SQL, since.date()))
     in_use = [
         ModelInUse(

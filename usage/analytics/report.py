@@ -3,9 +3,9 @@ report``), each served from the smallest source that can answer it:
 
 * by day, provider or model: ``model_usage_hourly`` for one tenant, ``model_usage_daily_totals``
   for all tenants, ``model_usage_user_daily`` for one user;
-* by user: ``model_usage_user_daily``;
-* by endpoint or tag: the raw rows of the window (no rollup keeps them; the tag report reads
-  the ``model_usage_stats_tagged_time`` index only).
+* by user: ``model_usage_user_day`` (migration 009);
+* by endpoint or tag: ``model_usage_endpoint_daily`` / ``model_usage_tag_daily`` (009); for
+  one user, the raw rows of the window (no rollup keeps user and endpoint or tag together).
 
 Rollup sources are refreshed every few minutes by maintenance; day-grained ones start at the
 UTC day of ``since``.
@@ -72,6 +72,17 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
 
 def _source(by: Grouping, tenant: bool, user: bool) -> _Source:
     day_of = "(({} AT TIME ZONE 'UTC')::date)::text"
+    day_since = "day >= ($1 AT TIME ZONE 'UTC')::date"
+    if by in ("endpoint", "tag") and not user:
+        return _Source(
+            table="model_usage_endpoint_daily" if by == "endpoint" else "model_usage_tag_daily",
+            since=day_since,
+            key=by,
+            requests="sum(requests)::bigint",
+            cost="cost_usd",
+            errors="requests - successes" if by == "endpoint" else "errors",
+            user="",
+        )
     if by in ("endpoint", "tag"):
         return _Source(
             table="model_usage_stats"
@@ -89,14 +100,19 @@ def _source(by: Grouping, tenant: bool, user: bool) -> _Source:
         "model": "provider || '/' || model_name",
         "user": "user_id",
     }[by]
+    if by == "user" and not user:
+        return _Source(
+            "model_usage_user_day", day_since, "user_id", "sum(requests)::bigint", "cost_usd",
+            "errors", "user_id",
+        )  # fmt: skip
     if user or by == "user":
-        table, since = "model_usage_user_daily", "day >= ($1 AT TIME ZONE 'UTC')::date"
+        table, since = "model_usage_user_daily", day_since
     elif tenant:
         table, since = "model_usage_hourly", "hour >= $1"
         if by == "day":
             key = day_of.format("hour")
     else:
-        table, since = "model_usage_daily_totals", "day >= ($1 AT TIME ZONE 'UTC')::date"
+        table, since = "model_usage_daily_totals", day_since
     return _Source(
         table, since, key, "sum(requests)::bigint", "cost_usd", _ROLLUP_ERRORS, "user_id"
     )
