@@ -110,6 +110,7 @@ async def gateway(
     *,
     inference_config: Mapping[str, Any] | None = None,
     pool_dsn: str | None = None,
+    app_kwargs: Mapping[str, Any] | None = None,
     **router_kwargs: Any,
 ) -> AsyncIterator[Served]:
     tenant = await make_tenant(pg, inference_config=inference_config or {})
@@ -121,7 +122,7 @@ async def gateway(
         pool = await asyncpg.create_pool(pool_dsn or pg_dsn, min_size=1, max_size=4)
         keys = VirtualKeyStore(pool)
         try:
-            app = create_app(router, keys, pool=pool, readiness_timeout=2.0)
+            app = create_app(router, keys, pool=pool, readiness_timeout=2.0, **(app_kwargs or {}))
             async with serving(app) as url:
                 raw, record = await keys.create(tenant, name="test")
                 yield Served(url, sim, router, keys, tenant, raw, record.id)
@@ -422,6 +423,38 @@ async def test_request_and_provider_errors_map_to_openai_statuses(served: Served
             assert answer.status_code == 400
             assert answer.json()["error"]["param"] == param
     assert len([r for r in await served.rows() if r["status"] == "success"]) == 0
+
+
+async def test_a_body_over_the_limit_is_413_before_it_is_read_whole(
+    pg_dsn: str, pg: asyncpg.Connection, tmp_path: Path
+) -> None:
+    async with gateway(pg_dsn, pg, tmp_path, app_kwargs={"max_body_bytes": 1000}) as served:
+        big = "x" * 2000
+        with pytest.raises(openai.APIStatusError) as declared:
+            await served.client().chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": big}]
+            )
+        assert declared.value.status_code == 413
+        assert error_of(declared.value)["code"] == "request_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as read
+            yield b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'"}]}'
+
+        async with httpx.AsyncClient() as http:
+            answer = await http.post(
+                f"{served.url}/v1/chat/completions",
+                headers={"authorization": f"Bearer {served.key}"},
+                content=chunked(),
+            )
+            assert answer.status_code == 413
+            assert answer.json()["error"]["code"] == "request_too_large"
+            # A body under the limit is served.
+            small = await served.client().chat.completions.create(model="gpt-4o-mini", messages=MSG)
+            assert small.choices[0].message.content
+        assert served.sim.requests == [served.sim.requests[0]]  # only the small one went out
 
 
 async def test_no_provider_is_503_and_deadline_is_504(

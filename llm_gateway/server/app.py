@@ -26,6 +26,7 @@ from starlette.routing import Route
 from .chat import chat_completions, error_response
 from .errors import ApiError, api_error
 from .info import liveness, metrics, models, readiness
+from .request import DEFAULT_MAX_BODY_BYTES
 from .state import DEFAULT_SHUTDOWN_TIMEOUT, Gateway
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def create_app(
     shutdown_timeout: float | None = None,
     readiness_timeout: float = 2.0,
     metrics_registry: Any = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Starlette:
     """The gateway as an ASGI app.
 
@@ -97,7 +99,11 @@ def create_app(
         readiness_timeout: how long ``/health/readiness`` waits for PostgreSQL.
         metrics_registry: the Prometheus registry ``/metrics`` serves (default: the one
             the made router reports into, else ``prometheus_client.REGISTRY``).
+        max_body_bytes: the largest request body read (default 8 MiB); a larger one is
+            refused with 413 before it is read whole.
     """
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be positive, not {max_body_bytes!r}")
     owns_router = router is None
     if router is None:
         router, made_registry = _default_router(dsn)
@@ -110,6 +116,7 @@ def create_app(
         readiness_timeout=readiness_timeout,
         metrics_registry=metrics_registry,
         owns_router=owns_router,
+        max_body_bytes=max_body_bytes,
     )
 
     @contextlib.asynccontextmanager

@@ -27,7 +27,7 @@ from .openai_shapes import (
     sse_event,
     usage_chunk,
 )
-from .request import ChatRequest, parse_chat
+from .request import ChatRequest, parse_chat, read_body
 
 if TYPE_CHECKING:
     from .state import Gateway
@@ -90,7 +90,7 @@ async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
         key = await gateway.authenticate(request.headers)
-        chat = parse_chat(await request.body(), request.headers)
+        chat = parse_chat(await read_body(request, gateway.max_body_bytes), request.headers)
         if not gateway.keys.allows_model(key, chat.model):
             raise ApiError(
                 403,

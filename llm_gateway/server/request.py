@@ -11,10 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 
 from .errors import ApiError
 
-__all__ = ["ChatRequest", "bearer_key", "parse_chat"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "ChatRequest", "bearer_key", "parse_chat", "read_body"]
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+"""The largest chat request body read; larger ones get 413 (a client cannot make a worker
+buffer an unbounded body)."""
 
 USER_HEADER = "x-llm-gateway-user"
 SESSION_HEADER = "x-llm-gateway-session"
@@ -50,6 +55,25 @@ def bearer_key(headers: Mapping[str, str]) -> str:
             code="invalid_api_key",
         )
     return key
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read up to ``limit`` bytes: a declared or streamed larger one is a 413."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _bad(message: str, param: str | None = None) -> ApiError:

@@ -16,7 +16,7 @@ import asyncpg
 
 from ..dsn import create_pool_checked
 from .errors import ApiError
-from .request import bearer_key
+from .request import DEFAULT_MAX_BODY_BYTES, bearer_key
 
 if TYPE_CHECKING:
     from ..router import TenantLLMRouter
@@ -54,8 +54,10 @@ class Gateway:
         readiness_timeout: float = 2.0,
         metrics_registry: Any = None,
         owns_router: bool = False,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.router = router
+        self.max_body_bytes = max_body_bytes
         self._keys = keys
         self._owns_keys = keys is None
         self._pool = pool
