@@ -270,10 +270,15 @@ async def test_no_usable_provider(pg_dsn: str, pg: asyncpg.Connection, sims: Sim
 
 async def test_close_drains_queued_rows(pg_dsn: str, pg: asyncpg.Connection, sims: Sims) -> None:
     tenant = await make_tenant(pg, llm_tokens={"groq": "g"})
-    # Wide timeouts: this is about draining, and 200 connections on a loaded CI machine can take
-    # longer than the default connect timeout to be accepted.
+    # Wide timeouts: this is about draining, and 200 requests at once on a loaded CI machine can
+    # take longer than the default connect timeout or the adaptive attempt cap.
     router = TenantLLMRouter(
-        pg_dsn, providers=sims.providers(), connect_timeout=60.0, ttft_timeout=60.0
+        pg_dsn,
+        providers=sims.providers(),
+        connect_timeout=60.0,
+        ttft_timeout=60.0,
+        attempt_timeout=60.0,  # a fixed cap: no adaptive one learnt from the first answers
+        timeout=120.0,
     )
     results = await asyncio.gather(*(router.complete_for_tenant(tenant, MSG) for _ in range(200)))
     await router.close()
