@@ -244,3 +244,21 @@ def json_threshold(payload: str) -> float:
     body = json.loads(payload)
     assert body["type"] == "budget_alert"
     return float(body["threshold"])
+
+
+async def test_a_refused_process_keeps_no_partial_grant(pool: asyncpg.Pool) -> None:
+    """A renewal short of what a request needs grants what is left; the refused process gives
+    that back at once, so another process whose own room plus it covers a request admits it
+    (before: it stayed in the refused process's lease, and both refused with the budget unspent).
+    """
+    _, plan = plan_of({"budget": {"max_usd": 0.01, "period": "1d"}})
+    a, b = governor(pool), governor(pool)
+    cost_tokens = (1000, 1500)  # $0.004 reserved per request
+    a1 = await a.admit(plan, (), [PRICED], *cost_tokens)
+    await b.admit(plan, (), [PRICED], *cost_tokens)
+    with pytest.raises(BudgetExceededError):  # $0.002 left: B is short
+        await b.admit(plan, (), [PRICED], *cost_tokens)
+    # a1 cost $0.002: $0.002 pending in A, $0.004 reserved in B, $0.004 unspent.
+    a.charge(a1, uuid.uuid4(), 0.002, system_key=False)
+    a.release(a1)
+    assert (await a.admit(plan, (), [PRICED], *cost_tokens)).entries == [PRICED]

@@ -8,6 +8,7 @@ shared by concurrent requests); only then is a request refused or steered.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -205,11 +206,7 @@ class Governor:
             now = self.clock()
             # Again after a renewal: while this request waited, others may have taken the room
             # of a lease that had enough before (a few rounds, then it is refused).
-            needs = {
-                k: a
-                for k, a in result.needs.items()
-                if now - self._leases[k].short_at >= SHORT_BACKOFF
-            }
+            needs = {k: a for k, a in result.needs.items() if self._may_ask(self._leases[k], now)}
             if not needs or now < book.db_down_until:
                 break
             await book.renew(needs)
@@ -221,7 +218,22 @@ class Governor:
             # PostgreSQL is failing and this process's share is spent: serve (counted, logged).
             self.opened += 1
             return Admission(list(entries), None, 0.0, 0.0, 0.0, 0.0, {})
+        # A budget short of this request keeps room only if nothing else can use it: what it
+        # holds beyond its requests in flight (its share of what was left) goes back, so the
+        # next process to ask gets it with its own (else each strands up to a request's cost).
+        spent = [
+            k for k in result.needs if not self._leases[k].rate and self._leases[k].free > 1e-12
+        ]
+        if spent and not db_down:
+            with contextlib.suppress(Exception):
+                await book.give_back(spent)
         raise self._refusal(result)
+
+    @staticmethod
+    def _may_ask(lease: Lease, now: float) -> bool:
+        """Renew a short lease again: after the backoff, or sooner if a request ended since
+        (its room adds to what is left; a short lease gave the rest back)."""
+        return now - lease.short_at >= SHORT_BACKOFF or lease.free > lease.short_free + 1e-12
 
     def _try_admit(
         self,

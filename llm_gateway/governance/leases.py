@@ -192,6 +192,17 @@ class LeaseBook:
                 if self.on_renewed is not None:
                     self.on_renewed(lease)
 
+    async def give_back(self, keys: Sequence[str]) -> None:
+        """Give back the room of ``keys`` that nothing in flight or pending holds (after the
+        renewal in flight: one renewal at a time keeps each lease's answers in order)."""
+        while self._renewing is not None and not self._renewing.done():
+            await asyncio.shield(self._renewing)
+        await asyncio.shield(self._start(release=keys))
+        for key in keys:
+            lease = self.leases.get(key)
+            if lease is not None:
+                lease.short_free = lease.free
+
     # --- background ----------------------------------------------------------------------------
 
     def start(self) -> None:

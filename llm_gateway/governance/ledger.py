@@ -51,6 +51,7 @@ class Lease:
     ends_at: float = math.inf  # epoch of ``bounds.end`` (a float compare per request)
     known: bool = False  # at least one renewal answered
     short_at: float = -math.inf  # monotonic: the last renewal granted less than asked
+    short_free: float = 0.0  # ``free`` then: more since (a request ended) is worth asking again
     alerted: set[float] = field(default_factory=set)  # thresholds fired (or tried) this period
     alert_floor: float = 0.0  # spend below which no threshold is left to fire (0: unknown)
     written: float = 0.0  # budgets: own spend written since the last renewal (for alerts)
@@ -196,3 +197,4 @@ class Lease:
         self.free = self.held - in_use
         if self.held + 1e-12 < needed:
             self.short_at = now  # not even what was needed: the limit is reached
+            self.short_free = self.free
