@@ -22,7 +22,7 @@ from decimal import Decimal
 from html import escape
 from typing import TYPE_CHECKING, Final, Literal
 
-from .report import Grouping, ReportRow, usage_report
+from .report import Grouping, ReportRow, daily_sql, report_args, usage_report
 
 if TYPE_CHECKING:
     import asyncpg
@@ -38,7 +38,6 @@ _OTHER_COLOUR: Final = "#BBBBBB"
 _OTHER: Final = "(the rest)"  # parentheses: no provider or model is named so
 _W, _H = 1000, 300  # chart viewBox
 _LEFT, _RIGHT, _TOP, _BOTTOM = 76, 12, 14, 34
-_DAY_SQL: Final = "((hour AT TIME ZONE 'UTC')::date)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,32 +70,10 @@ async def daily_costs(
     tenant_id: uuid.UUID | str | None = None,
     user_id: str | None = None,
 ) -> list[DailyCost]:
-    """Cost per UTC day and provider (or model) since ``since``, from the report's rollups:
-    ``model_usage_hourly`` for a tenant, ``model_usage_user_daily`` for a user,
-    ``model_usage_daily_totals`` for all tenants."""
-    key = "provider" if by == "provider" else "provider || '/' || model_name"
-    args: list[object] = [since]
-    if user_id is not None:
-        if tenant_id is None:
-            raise ValueError("a report on a user needs the tenant")
-        table, day, where = "model_usage_user_daily", "day", "day >= ($1 AT TIME ZONE 'UTC')::date"
-        where += " AND tenant_id = $2 AND user_id = $3"
-        args += [uuid.UUID(str(tenant_id)), user_id]
-    elif tenant_id is not None:
-        table, day, where = "model_usage_hourly", _DAY_SQL, "hour >= $1 AND tenant_id = $2"
-        args.append(uuid.UUID(str(tenant_id)))
-    else:
-        table, day, where = (
-            "model_usage_daily_totals",
-            "day",
-            "day >= ($1 AT TIME ZONE 'UTC')::date",
-        )
-    rows = await pool.fetch(
-        f"SELECT {day} AS day, {key} AS key, sum(cost_usd) AS cost_usd,"
-        f" sum(requests)::bigint AS requests FROM {table} WHERE {where}"
-        " GROUP BY 1, 2 ORDER BY 1, 2",
-        *args,
-    )
+    """Cost per UTC day and provider (or model) since ``since``, from the rollup the report
+    reads for the same scope (:func:`~usage.analytics.report.daily_sql`)."""
+    sql = daily_sql(by, tenant=tenant_id is not None, user=user_id is not None)
+    rows = await pool.fetch(sql, *report_args(since, tenant_id, user_id))
     return [DailyCost(r["day"], r["key"], r["cost_usd"] or Decimal(0), r["requests"]) for r in rows]
 
 

@@ -139,6 +139,37 @@ def report_sql(by: Grouping, *, tenant: bool, user: bool) -> str:
     )
 
 
+def daily_sql(by: Literal["provider", "model"], *, tenant: bool, user: bool) -> str:
+    """Cost and requests per UTC day and provider (or model), from the rollup :func:`report_sql`
+    reads for the same scope; ``$1`` since, then ``$2`` tenant and ``$3`` user when given."""
+    if user and not tenant:
+        raise ValueError("a report on users needs the tenant (user ids are per tenant)")
+    src = _source(by, tenant, user)
+    day = "((hour AT TIME ZONE 'UTC')::date)" if src.table == "model_usage_hourly" else "day"
+    where = src.since
+    if tenant:
+        where += " AND tenant_id = $2"
+    if user:
+        where += f" AND {src.user} = $3"
+    return (
+        f"SELECT {day} AS day, {src.key} AS key, sum({src.cost}) AS cost_usd,"
+        f" {src.requests} AS requests FROM {src.table} WHERE {where}"
+        " GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+
+
+def report_args(
+    since: datetime, tenant_id: uuid.UUID | str | None, user_id: str | None
+) -> list[object]:
+    """The arguments of :func:`report_sql` and :func:`daily_sql`."""
+    args: list[object] = [since]
+    if tenant_id is not None:
+        args.append(uuid.UUID(str(tenant_id)))
+    if user_id is not None:
+        args.append(user_id)
+    return args
+
+
 async def usage_report(
     pool: asyncpg.Pool[asyncpg.Record],
     *,
@@ -149,12 +180,7 @@ async def usage_report(
 ) -> list[ReportRow]:
     """Requests, tokens, cost and errors per group since ``since``."""
     sql = report_sql(by, tenant=tenant_id is not None, user=user_id is not None)
-    args: list[object] = [since]
-    if tenant_id is not None:
-        args.append(uuid.UUID(str(tenant_id)))
-    if user_id is not None:
-        args.append(user_id)
-    rows = await pool.fetch(sql, *args)
+    rows = await pool.fetch(sql, *report_args(since, tenant_id, user_id))
     return [
         ReportRow(
             key=r["key"],
