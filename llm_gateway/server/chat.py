@@ -6,6 +6,7 @@ the transport: the OpenAI JSON answer, or server-sent events for ``"stream": tru
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..errors import GatewayError
 from ..governance import KeyQuota
+from ..router import TenantLLMRouter
 from ..streaming import CompletionStream
 from .errors import ApiError, api_error
 from .openai_shapes import (
@@ -38,22 +40,15 @@ __all__ = ["ENDPOINT", "chat_completions", "error_response", "json_response"]
 ENDPOINT = "/v1/chat/completions"
 """The usage rows' ``endpoint``."""
 
-# Keyword arguments of complete_for_tenant: a body field of one of these names would not
-# reach the provider but change the call (a deadline, another user's limits), so it is refused.
+# Named parameters of the router's request methods (but the two the body carries): a body field
+# of one of these names would not reach the provider but change the call (a deadline, another
+# user's limits), so it is refused. Derived, so a new router argument is refused too.
 _ROUTER_ARGUMENTS = frozenset(
-    {
-        "tenant_id",
-        "task_type",
-        "estimated_tokens",
-        "endpoint",
-        "user_id",
-        "metadata",
-        "timeout",
-        "session_id",
-        "tags",
-        "key_quota",
-    }
-)
+    name
+    for method in (TenantLLMRouter.complete_for_tenant, TenantLLMRouter.stream_for_tenant)
+    for name, p in inspect.signature(method).parameters.items()
+    if p.kind is not inspect.Parameter.VAR_KEYWORD
+) - {"self", "messages", "model"}
 
 _SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
