@@ -199,6 +199,7 @@ class RequestLedger:
             error_class=None if error is None else type(error).__name__,
             error_message=message,
             status_code=getattr(error, "status_code", None),
+            retry_after=getattr(error, "retry_after", None),
         )
         self.attempts.append(attempt)
         return attempt, cost

@@ -275,6 +275,17 @@ class AllProvidersFailedError(GatewayError):
     def last_error(self) -> str | None:
         return self.attempts[-1].error_message if self.attempts else None
 
+    @property
+    def rate_limited(self) -> bool:
+        """Every attempt was refused with a 429: the caller should slow down, not give up."""
+        return bool(self.attempts) and all(a.outcome == "rate_limit" for a in self.attempts)
+
+    @property
+    def retry_after(self) -> float | None:
+        """The shortest wait a provider advised (seconds), if any advised one."""
+        waits = [a.retry_after for a in self.attempts if a.retry_after is not None]
+        return min(waits) if waits else None
+
 
 class DeadlineExceededError(AllProvidersFailedError):
     """The request's total deadline ran out before any provider answered."""

@@ -33,6 +33,7 @@ class Attempt:
     error_class: str | None = None
     error_message: str | None = None
     status_code: int | None = None
+    retry_after: float | None = None  # seconds the provider advised on a 429
 
 
 @dataclass(frozen=True, slots=True)

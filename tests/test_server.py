@@ -26,9 +26,12 @@ import uvicorn
 from openai import AsyncOpenAI
 
 from llm_gateway import TenantLLMRouter, provider_settings
+from llm_gateway.errors import AllProvidersFailedError
 from llm_gateway.server.app import create_app
+from llm_gateway.server.errors import api_error
 from llm_gateway.server.virtual_keys import VirtualKeyStore
 from llm_gateway.simulator import Behaviour, SimulatedProvider
+from llm_gateway.types import Attempt
 from tests.conftest import make_tenant
 from tests.tcp_proxy import TcpProxy
 
@@ -377,6 +380,32 @@ async def test_quota_refusal_is_429_with_retry_after(
             await served.client(raw).chat.completions.create(model="gpt-4o-mini", messages=MSG)
         assert error_of(by_key.value)["message"].startswith("key quota exceeded")
         assert "retry-after" in by_key.value.response.headers
+
+
+async def test_every_provider_rate_limited_is_429_with_their_retry_after(served: Served) -> None:
+    # Every attempt answered 429 (Retry-After 2.5 s): the caller is told to back off, with
+    # the provider's own wait (rounded up to whole seconds, exact in retry-after-ms).
+    served.sim.fail_with = "429"
+    served.sim.retry_after = 2.5
+    with pytest.raises(openai.RateLimitError) as limited:
+        await served.client().chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    error = error_of(limited.value)
+    assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
+    headers = limited.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("3", "2500")
+    rows = await served.rows()
+    assert rows and {r["status"] for r in rows} == {"rate_limit"}
+
+
+def test_a_mix_of_429_and_other_failures_stays_502() -> None:
+    def attempt(outcome: str, retry_after: float | None) -> Attempt:
+        return Attempt("p", "m", "system", outcome, 0.1, uuid.uuid4(), retry_after=retry_after)
+
+    limited = AllProvidersFailedError("t", [attempt("rate_limit", 4.0), attempt("rate_limit", 2)])
+    assert (api_error(limited).status, api_error(limited).headers["retry-after"]) == (429, "2")
+    mixed = AllProvidersFailedError("t", [attempt("rate_limit", 2.0), attempt("error", None)])
+    assert api_error(mixed).status == 502 and "retry-after" not in api_error(mixed).headers
+    assert api_error(AllProvidersFailedError("t", [])).status == 502
 
 
 async def test_request_and_provider_errors_map_to_openai_statuses(served: Served) -> None:

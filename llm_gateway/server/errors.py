@@ -107,6 +107,15 @@ def api_error(exc: BaseException) -> ApiError:
         return _provider_bad_request(exc)
     if isinstance(exc, DeadlineExceededError):
         return ApiError(504, str(exc), type="timeout_error", code="deadline_exceeded")
+    if isinstance(exc, AllProvidersFailedError) and exc.rate_limited:
+        # Every provider said "slow down": a 429 the clients back off on, not a 502 they drop.
+        return ApiError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="upstream_rate_limited",
+            headers=_retry_headers(exc.retry_after),
+        )
     if isinstance(exc, AllProvidersFailedError):
         last = exc.last_error
         detail = f"{exc}" + (f"; last error: {last}" if last else "")
