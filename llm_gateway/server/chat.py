@@ -16,7 +16,6 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..errors import GatewayError
-from ..governance import KeyQuota
 from ..router import TenantLLMRouter
 from ..streaming import CompletionStream
 from .errors import ApiError, api_error
@@ -75,7 +74,7 @@ def _call_arguments(chat: ChatRequest, key: VirtualKey) -> dict[str, Any]:
         "tags": chat.tags,
         "model": chat.model,
         # Always given, limits or not: the rows then carry the key's id (virtual_key_id).
-        "key_quota": KeyQuota(str(key.id), key.limits or {}),
+        "key_quota": key.quota,
         **chat.params,
     }
 

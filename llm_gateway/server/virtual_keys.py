@@ -33,6 +33,7 @@ import asyncpg
 from cachetools import TTLCache
 
 from ..errors import DatabaseError, TenantNotFoundError, VirtualKeyError
+from ..governance.keys import KeyQuota
 from ..keys import deployment_fingerprinter
 from ..tenant_store import as_tenant_id
 from .key_spec import check_expiry, check_limits, check_models, check_text
@@ -71,6 +72,11 @@ class VirtualKey:
     expires_at: datetime | None
     revoked_at: datetime | None
     created_at: datetime
+    # Made once per loaded key, not per request: every request of the key passes it on.
+    quota: KeyQuota = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quota", KeyQuota(str(self.id), self.limits or {}))
 
     def refusal(self, now: datetime) -> str | None:
         """Why the key is refused at ``now`` (``"revoked"``, ``"expired"``), else ``None``."""
