@@ -8,6 +8,9 @@ listening and calls ``on_ids`` / ``on_reset``; when the connection is lost it re
 backoff (at most ``max_backoff`` seconds between tries) and calls ``on_reset`` after each
 (re)connect, since notices sent meanwhile were missed. While it is down, the cache TTL still
 bounds how stale a config can be.
+
+The gateway server's virtual keys use the same listener on their own channel
+(``llm_gateway_virtual_keys``, a connection taken from the server's pool, ``+`` as a signal).
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .dsn import connect_checked
 
@@ -34,8 +38,8 @@ log = logging.getLogger("llm_gateway")
 DRAIN_SLICE = 1000
 
 
-def parse_notice(payload: str) -> list[uuid.UUID] | None:
-    """The tenant ids of a notice; ``None`` means every tenant (``*``).
+def parse_notice(payload: str, channel: str = CHANNEL) -> list[uuid.UUID] | None:
+    """The ids of a notice; ``None`` means every one (``*``).
 
     Malformed ids are skipped (logged): a notice sent by hand must not break the listener.
     """
@@ -46,27 +50,34 @@ def parse_notice(payload: str) -> list[uuid.UUID] | None:
         try:
             ids.append(uuid.UUID(part))
         except ValueError:
-            log.warning("ignored a malformed tenant id in a %s notice: %.60r", CHANNEL, part)
+            log.warning("ignored a malformed id in a %s notice: %.60r", channel, part)
     return ids
 
 
 class ConfigListener:
-    """Keeps one connection listening on :data:`CHANNEL`, reconnecting when it is lost.
+    """Keeps one connection listening on ``channel``, reconnecting when it is lost.
 
     ``on_ids(ids)`` runs in the event loop for each notice (one notice carries up to 200 ids:
     the trigger coalesces per statement); notices are queued as they arrive and handled in
     slices of about :data:`DRAIN_SLICE` ids per loop iteration, so a bulk edit does not stall
     the loop. ``on_reset()`` runs for ``*`` and after each successful (re)connect.
-    ``ping_interval``: seconds between liveness checks of an idle connection (a silently dead
-    peer sends no reset). ``clock`` and ``sleep`` (the wait between tries) are for tests.
+    ``signals``: payloads with a callback of their own (virtual keys: ``"+"``, a key was
+    created). The connection is made with ``dsn``, or taken from ``pool`` (and given back,
+    closed, when lost or at :meth:`close`). ``ping_interval``: seconds between liveness checks
+    of an idle connection (a silently dead peer sends no reset). ``clock`` and ``sleep`` (the
+    wait between tries) are for tests.
     """
 
     def __init__(
         self,
-        dsn: str,
+        dsn: str | None,
         on_ids: Callable[[Iterable[uuid.UUID]], None],
         on_reset: Callable[[], None],
         *,
+        channel: str = CHANNEL,
+        pool: asyncpg.Pool | None = None,
+        signals: Mapping[str, Callable[[], None]] | None = None,
+        name: str = "tenant config listener",
         connect_timeout: float = 5.0,
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
@@ -74,7 +85,13 @@ class ConfigListener:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        if (dsn is None) == (pool is None):
+            raise ValueError("ConfigListener needs exactly one of dsn and pool")
         self._dsn = dsn
+        self._pool = pool
+        self.channel = channel
+        self.name = name
+        self._signals = dict(signals or {})
         self._on_ids = on_ids
         self._on_reset = on_reset
         self._connect_timeout = connect_timeout
@@ -84,7 +101,7 @@ class ConfigListener:
         self._clock = clock
         self._sleep = sleep
         self._task: asyncio.Task[None] | None = None
-        self._conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection | PoolConnectionProxy | None = None
         self._lost: asyncio.Event | None = None
         self._first_attempt: asyncio.Event | None = None
         self._pending: collections.deque[str] = collections.deque()  # notices not yet handled
@@ -160,8 +177,9 @@ class ConfigListener:
                     backoff = self._min_backoff  # it was up: start the backoff afresh
                 if self.state != "reconnecting":
                     log.warning(
-                        "tenant config listener: connection lost or refused (%s); retrying"
-                        " with backoff up to %gs, cached configs expire by their TTL meanwhile",
+                        "%s: connection lost or refused (%s); retrying with backoff up to"
+                        " %gs, cached entries expire by their TTL meanwhile",
+                        self.name,
                         self.last_error,
                         self._max_backoff,
                     )
@@ -176,12 +194,17 @@ class ConfigListener:
         """Connect, LISTEN, drop every cached config, then wait until the connection is lost."""
         lost = asyncio.Event()
         self._lost = lost
-        conn = await connect_checked(
-            self._dsn, self._connect_timeout, check="the router's dsn (config listener)"
-        )
+        conn: asyncpg.Connection | PoolConnectionProxy
+        if self._pool is not None:
+            conn = await self._pool.acquire(timeout=self._connect_timeout)
+        else:
+            assert self._dsn is not None
+            conn = await connect_checked(
+                self._dsn, self._connect_timeout, check=f"the router's dsn ({self.name})"
+            )
         self._conn = conn
         conn.add_termination_listener(lambda _conn: lost.set())
-        await conn.add_listener(CHANNEL, self._on_notice)
+        await conn.add_listener(self.channel, self._on_notice)
         # Only now: a config loaded before LISTEN may predate an edit whose notice we missed.
         self.connects += 1
         self._reset()
@@ -200,8 +223,15 @@ class ConfigListener:
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            conn.terminate()  # no goodbye over a connection that may be half dead
+        if conn is None:
+            return
+        # A pool detaches its proxy once the connection is lost: then both calls raise.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            if not conn.is_closed():
+                conn.terminate()  # no goodbye over a connection that may be half dead
+        if isinstance(conn, PoolConnectionProxy) and self._pool is not None:
+            with contextlib.suppress(Exception):  # the pool replaces the closed connection
+                await self._pool.release(conn)
 
     # --- notices ------------------------------------------------------------------------------
 
@@ -226,7 +256,13 @@ class ConfigListener:
         pending = self._pending
         try:
             while pending and done < DRAIN_SLICE:
-                ids = parse_notice(pending.popleft())
+                payload = pending.popleft()
+                signal = self._signals.get(payload.strip())
+                if signal is not None:
+                    signal()
+                    done += 1
+                    continue
+                ids = parse_notice(payload, self.channel)
                 if ids is None:
                     self._reset()
                     done += 1

@@ -14,7 +14,6 @@ cache TTL bounds staleness while the listening connection is down).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -32,6 +31,7 @@ from typing import Any
 import asyncpg
 from cachetools import TTLCache
 
+from ..config_listener import ConfigListener
 from ..errors import DatabaseError, TenantNotFoundError, VirtualKeyError
 from ..governance.keys import KeyQuota
 from ..keys import deployment_fingerprinter
@@ -148,7 +148,6 @@ class VirtualKeyStore:
         max_cached: int = 100_000,
     ) -> None:
         self._pool = pool
-        self._notify = notify
         self._now = now
         self._secret = secret
         self._subkey: bytes | None = None
@@ -159,10 +158,29 @@ class VirtualKeyStore:
         self._by_id: dict[uuid.UUID, bytes] = {}  # key id -> hash, to evict on a notice
         self._inflight: dict[bytes, asyncio.Future[Any]] = {}
         self._generation = 0  # bumped by every notice: a load that overlapped one is not cached
-        self._listener: asyncio.Task[None] | None = None
-        self._heard = asyncio.Event()  # the first LISTEN attempt ended
-        self.listening = False
-        self.notices = 0
+        self._listener = (
+            ConfigListener(
+                None,
+                self._evict,
+                self._reset,
+                channel=CHANNEL,
+                pool=pool,
+                signals={"+": self._forget_unknown},
+                name="virtual key listener",
+                ping_interval=_PING,
+            )
+            if notify
+            else None
+        )
+
+    @property
+    def listening(self) -> bool:
+        """Whether change notices reach this store now (else the cache TTL bounds staleness)."""
+        return self._listener is not None and self._listener.state == "listening"
+
+    @property
+    def notices(self) -> int:
+        return 0 if self._listener is None else self._listener.notices
 
     def __repr__(self) -> str:
         return f"VirtualKeyStore(cached={len(self._keys)}, listening={self.listening})"
@@ -172,20 +190,14 @@ class VirtualKeyStore:
     async def start(self, *, timeout: float = 10.0) -> None:
         """Load the hashing secret and (``notify``) start listening for changes."""
         await self._ensure_secret()
-        if self._notify and self._listener is None:
-            self._listener = asyncio.get_running_loop().create_task(self._listen_forever())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._heard.wait()
+        if self._listener is not None:
+            self._listener.start()
+            await self._listener.wait_first_attempt(timeout)
 
     async def close(self) -> None:
         """Stop listening and give the connection back to the pool (idempotent)."""
-        task, self._listener = self._listener, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self.listening = False
+        if self._listener is not None:
+            await self._listener.close()
 
     async def __aenter__(self) -> VirtualKeyStore:
         await self.start()
@@ -371,60 +383,6 @@ class VirtualKeyStore:
         self._unknown.clear()
         self._by_id.clear()
 
-    def _on_notice(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        self.notices += 1
-        text = str(payload).strip()
-        if text == "*":
-            self._reset()
-        elif text == "+":
-            self._generation += 1
-            self._unknown.clear()
-        else:
-            ids = []
-            for part in text.split(","):
-                with contextlib.suppress(ValueError):
-                    ids.append(uuid.UUID(part))
-            self._evict(ids)
-
-    async def _listen_forever(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                await self._listen_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the connection was lost or refused: try again
-                if self.listening:
-                    backoff = 0.1
-                log.warning(
-                    "virtual key listener: connection lost or refused (%s); retrying,"
-                    " cached keys expire by their TTL meanwhile",
-                    type(exc).__name__,
-                )
-            self.listening = False
-            self._heard.set()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    async def _listen_once(self) -> None:
-        lost = asyncio.Event()
-        conn = await self._pool.acquire()
-        try:
-            conn.add_termination_listener(lambda _c: lost.set())
-            await conn.add_listener(CHANNEL, self._on_notice)
-            self._reset()  # a key loaded before LISTEN may predate a notice we missed
-            self.listening = True
-            self._heard.set()
-            while not lost.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_PING):
-                        await lost.wait()
-                if not lost.is_set():
-                    await conn.execute("SELECT 1", timeout=5.0)  # finds a silently dead peer
-            raise ConnectionResetError("listening connection closed")
-        finally:
-            self.listening = False
-            with contextlib.suppress(Exception):
-                await conn.remove_listener(CHANNEL, self._on_notice)
-            with contextlib.suppress(Exception):
-                await self._pool.release(conn)
+    def _forget_unknown(self) -> None:
+        self._generation += 1
+        self._unknown.clear()
