@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 import warnings
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -164,6 +165,11 @@ class CompletionStream:
         return self
 
     # --- iteration -------------------------------------------------------------------------
+
+    @property
+    def request_id(self) -> uuid.UUID:
+        """The request's id: its usage rows and its :attr:`result` carry it."""
+        return self._ledger.request_id
 
     def __aiter__(self) -> CompletionStream:
         return self

@@ -213,6 +213,7 @@ async def test_stream_is_what_the_openai_client_parses(served: Served) -> None:
     assert chunks[-1].usage.completion_tokens > 0
     (row,) = await served.rows()
     assert (row["status"], row["user_id"], row["session_id"]) == ("success", "u-1", "s-stream")
+    assert chunks[0].id == f"chatcmpl-{row['request_id'].hex}"  # as a non-streamed answer's
 
     # The bytes: every event is "data: {json}\n\n", the last "data: [DONE]\n\n".
     async with httpx.AsyncClient() as http:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -137,7 +136,7 @@ async def _events(
     more: it is sent as an ``{"error": ...}`` event, which both openai clients raise.
     Closing the stream (here, or by a client that went away) writes its usage row.
     """
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    completion_id = f"chatcmpl-{stream.request_id.hex}"  # as a non-streamed answer's id
     created = int(time.time())
     model = first.model if first is not None else ""
     finished = False
