@@ -754,16 +754,20 @@ class TenantLLMRouter:
     # --- introspection ---------------------------------------------------------------------
 
     async def quota_status(
-        self, tenant_id: uuid.UUID | str, user_id: str | None = None
+        self,
+        tenant_id: uuid.UUID | str,
+        user_id: str | None = None,
+        key_quota: KeyQuota | None = None,
     ) -> list[dict[str, Any]]:
-        """One dict per configured budget or limit of the tenant (and of ``user_id``): ``scope``,
-        ``limit``, ``allowed``, ``used``, ``reserved``, ``remaining``, ``resets_at`` -- the
-        numbers admission acts on, fresh from PostgreSQL."""
+        """One dict per configured budget or limit of the tenant (and of ``user_id``, and of
+        the virtual key ``key_quota``): ``scope``, ``limit``, ``allowed``, ``used``,
+        ``reserved``, ``remaining``, ``resets_at`` -- the numbers admission acts on, fresh
+        from PostgreSQL."""
         if not self._started:
             await self.start()
         tid = as_tenant_id(tenant_id)
         route = await self._store.get(tid)
-        return await self._gate.status(route.quota, tid, user_id)
+        return await self._gate.status(route.quota, tid, user_id, key_quota)
 
     def health(self) -> list[dict[str, Any]]:
         """Health of every provider key used so far (fingerprints only, never keys).

@@ -129,3 +129,31 @@ def test_quota_show_unreachable_database_is_one_line_exit_1() -> None:
     proc = quota("postgresql://postgres:s3cret@127.0.0.1:1/x", str(uuid.uuid4()))
     assert_one_line_error(proc, 1)
     assert "s3cret" not in proc.stderr
+
+
+async def test_quota_show_lists_a_virtual_keys_limits(pg_dsn: str, pg: asyncpg.Connection) -> None:
+    from llm_gateway.server.virtual_keys import VirtualKeyStore
+
+    t = await make_tenant(pg)  # no limits of its own
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    try:
+        store = VirtualKeyStore(pool, notify=False)
+        await store.start()
+        _, key = await store.create(t, limits={"requests_per_minute": 7})
+    finally:
+        await pool.close()
+    proc = await asyncio.to_thread(quota, pg_dsn, str(t), "--key", str(key.id), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    [row] = json.loads(proc.stdout)
+    assert (row["scope"], row["limit"], row["allowed"], row["used"]) == (
+        "key",
+        "requests_per_minute",
+        7,
+        0,
+    )
+    assert row["key_id"] == str(key.id)
+    # A key of no tenant's, or of another tenant's: one line naming it, exit 1.
+    other = await make_tenant(pg)
+    proc = await asyncio.to_thread(quota, pg_dsn, str(other), "--key", str(key.id))
+    assert_one_line_error(proc, 1)
+    assert f"has no virtual key {key.id}" in proc.stderr

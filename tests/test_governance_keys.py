@@ -73,6 +73,15 @@ async def test_a_keys_rpm_refuses_it_while_another_key_of_the_tenant_is_served(
             await router.complete_for_tenant(t, MSG, max_tokens=20, key_quota=b)
         await router.complete_for_tenant(t, MSG, max_tokens=20)  # and the tenant none
         await router.usage_tracker.flush()  # type: ignore[union-attr]
+        # The key's limits are listed with its id; the tenant sets none of its own.
+        [status] = await router.quota_status(t, key_quota=a)
+        assert (status["scope"], status["limit"], status["key_id"]) == (
+            "key",
+            "requests_per_minute",
+            a.key_id,
+        )
+        assert (status["allowed"], status["used"], status["remaining"]) == (3, 3, 0)
+        assert await router.quota_status(t) == []
     assert len(sim.requests) == 7  # refused requests reached no provider
     found = [(r["status"], r["virtual_key_id"]) for r in await _rows(pg, t)]
     assert found.count(("success", a.key_id)) == 3

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+
 from .._defaults import DEFAULT_DSN
+from ..governance.keys import KeyQuota
 from ._common import EPILOG
 
 __all__ = ["register"]
@@ -38,6 +41,9 @@ def register(sub: Any) -> None:
     show.add_argument("tenant_id", metavar="TENANT_ID", help="the tenant's id (a UUID)")
     show.add_argument("--user", metavar="USER_ID", help="also show this user's user_limits")
     show.add_argument(
+        "--key", metavar="KEY_ID", help="also show this virtual key's limits (its record id)"
+    )
+    show.add_argument(
         "--format",
         choices=["table", "json"],
         default="table",
@@ -48,7 +54,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_status(args.dsn, args.tenant_id, args.user))
+    rows = asyncio.run(_status(args.dsn, args.tenant_id, args.user, args.key))
     if args.format == "json":
         print(json.dumps([_jsonable(r) for r in rows], indent=2))
     elif not rows:
@@ -58,16 +64,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _status(dsn: str | None, tenant_id: str, user_id: str | None) -> list[dict[str, Any]]:
+async def _status(
+    dsn: str | None, tenant_id: str, user_id: str | None, key_id: str | None
+) -> list[dict[str, Any]]:
     from ..router import TenantLLMRouter
 
     # No usage rows: this process sends no request. Providers come from the environment like
     # the module-level router's, but none is contacted.
     router = TenantLLMRouter(dsn, record_usage=False)
     try:
-        return await router.quota_status(tenant_id, user_id)
+        quota = None if key_id is None else await _key_quota(router, tenant_id, key_id)
+        return await router.quota_status(tenant_id, user_id, quota)
     finally:
         await router.close()
+
+
+async def _key_quota(router: Any, tenant_id: str, key_id: str) -> KeyQuota:
+    """The quota of the tenant's virtual key ``key_id`` (an error naming both if none)."""
+    from ..errors import InvalidRequestError
+    from ..server.virtual_keys import VirtualKeyStore
+
+    await router.start()
+    pool = await asyncpg.create_pool(router.dsn, min_size=1, max_size=1)
+    try:
+        keys = await VirtualKeyStore(pool, notify=False).list(tenant_id)
+    finally:
+        await pool.close()
+    for key in keys:
+        if str(key.id) == key_id.strip().lower():
+            return key.quota
+    raise InvalidRequestError(f"tenant {tenant_id} has no virtual key {key_id}", parameter="key")
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -172,15 +172,22 @@ class QuotaGate:
             self.governor.release(admission, tokens_used)
 
     async def status(
-        self, plan: QuotaPlan | None, tenant: uuid.UUID, user: str | None
+        self,
+        plan: QuotaPlan | None,
+        tenant: uuid.UUID,
+        user: str | None,
+        key_quota: KeyQuota | None = None,
     ) -> list[dict[str, Any]]:
         """One dict per configured limit: scope, limit, allowed, used, reserved, remaining,
-        resets_at (fresh from PostgreSQL: the leases are renewed first)."""
+        resets_at (fresh from PostgreSQL: the leases are renewed first); the key's limits
+        (scope ``"key"``) with ``key_quota``."""
         if plan is None:
-            return []
+            if key_quota is None:
+                return []
+            plan = self.bare(tenant)
         specs = [
             *plan.whole,
-            *self._user_specs(plan, tenant, user),
+            *self._specs(plan, tenant, user, key_quota),
             *plan.system,
             *(s for group in plan.providers.values() for s in group),
         ]
@@ -207,6 +214,7 @@ class QuotaGate:
                     "remaining": max(0.0, spec.allowed - used - reserved),
                     "resets_at": resets_at,
                     **({"user_id": spec.user_id} if spec.user_id else {}),
+                    **({"key_id": spec.key_id} if spec.key_id else {}),
                 }
             )
         return out
