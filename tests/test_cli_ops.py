@@ -265,7 +265,7 @@ def test_health_all_up_exits_0(
     assert SYSTEM_KEY not in out + err
 
 
-def test_health_one_down_exits_1_and_tenant_keys_are_probed(
+def test_health_one_down_exits_3_and_tenant_keys_are_probed(
     env: None,
     pg_dsn: str,
     capsys: pytest.CaptureFixture[str],
@@ -278,7 +278,7 @@ def test_health_one_down_exits_1_and_tenant_keys_are_probed(
     monkeypatch.setenv("LLM7_BASE_URL", simulators["ok"])
     tid = tenant(pg_dsn, llm_tokens={"llm7": TENANT_KEY})
     code, out, err = cli(capsys, "health", "--tenant", str(tid), "--format", "json")
-    assert code == 1, (out, err)
+    assert code == 3, (out, err)
     report = json.loads(out)
     assert report["ok"] is False
     rows = {(r["provider"], r["key_source"]): r for r in report["providers"]}
@@ -289,7 +289,7 @@ def test_health_one_down_exits_1_and_tenant_keys_are_probed(
     assert TENANT_KEY not in out + err and SYSTEM_KEY not in out + err
 
     code, out, err = cli(capsys, "health", "--tenant", str(tid))
-    assert code == 1
+    assert code == 3
     line = next(line for line in out.splitlines() if "groq" in line)
     assert "down" in line and "connection error" in line
     assert TENANT_KEY not in out + err
@@ -306,7 +306,7 @@ def test_health_completion_probe_sees_failing_completions(
     monkeypatch.setenv("LLM7_BASE_URL", simulators["503"])
     monkeypatch.setenv("LLM7_API_KEY", SYSTEM_KEY)
     code, out, err = cli(capsys, "health", "--probe", "completion", "--format", "json")
-    assert code == 1, (out, err)
+    assert code == 3, (out, err)
     rows = {r["provider"]: r for r in json.loads(out)["providers"]}
     assert rows["openai"]["status"] == "up" and rows["openai"]["probe"] == "completion"
     assert rows["llm7"]["status"] == "down" and "ServerError" in rows["llm7"]["error"]
@@ -363,14 +363,14 @@ def test_health_falls_back_to_a_completion_where_models_is_not_served(
     rows = {r["provider"]: r for r in json.loads(out)["providers"]}
     assert rows["openai"]["status"] == "up" and rows["openai"]["probe"] == "completion"
     code, out, err = cli(capsys, "health", "--probe", "models", "--format", "json")
-    assert code == 1
+    assert code == 3
     rows = {r["provider"]: r for r in json.loads(out)["providers"]}
     assert rows["openai"]["error"] == "HTTP 404 Not Found"
 
 
-def test_health_without_any_key_exits_1(env: None, capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_without_any_key_exits_3(env: None, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = cli(capsys, "health", "--format", "json")
-    assert code == 1
+    assert code == 3
     assert json.loads(out)["ok"] is False
     assert "no provider has a key to probe" in err
 
@@ -413,17 +413,17 @@ def test_db_status_of_a_migrated_database(
     assert "model_usage_stats_default" in out and "spool pending rows" in out
 
 
-def test_db_status_pending_migrations_exit_1(
+def test_db_status_pending_migrations_exit_3(
     env: None, capsys: pytest.CaptureFixture[str], empty_dsn: str
 ) -> None:
     code, out, _ = cli(capsys, "db", "status", "--dsn", empty_dsn, "--format", "json")
-    assert code == 1
+    assert code == 3
     report = json.loads(out)
     assert report["ok"] is False and report["pending"][:3] == [1, 2, 3]
     assert report["partitions"] == [] and report["rollup"] is None
     assert report["spool"]["exists"] is False  # and not created by looking
     code, out, _ = cli(capsys, "db", "status", "--dsn", empty_dsn)
-    assert code == 1 and "pending migrations: [1, 2" in out
+    assert code == 3 and "pending migrations: [1, 2" in out
 
 
 def test_db_status_reports_changed_and_unknown_migrations(

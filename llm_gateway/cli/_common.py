@@ -15,6 +15,7 @@ __all__ = [
     "EPILOG",
     "EXIT_FAILED",
     "EXIT_OK",
+    "EXIT_UNHEALTHY",
     "EXIT_USAGE",
     "add_format",
     "flushed",
@@ -27,15 +28,16 @@ __all__ = [
     "quiet_broken_pipe",
 ]
 
-# The codes scripts rely on. 1 covers both "a check failed" (a provider down, migrations
-# pending) and "could not run" (database unreachable, unknown tenant): the message on stderr,
-# or the JSON on stdout, says which.
+# The codes scripts rely on: 1 "could not run" (database unreachable, unknown tenant), 3 "ran,
+# and a check failed" (a provider down, migrations pending), so that an alert on 3 does not
+# fire for a typo in a DSN. The message on stderr, or the JSON on stdout, says more.
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2  # argparse's own code for a bad command line
+EXIT_UNHEALTHY = 3
 
 EPILOG = "Exit codes: 0 ok, 1 runtime error, 2 usage error."
-CHECK_EPILOG = "Exit codes: 0 ok, 1 a check failed or runtime error, 2 usage error."
+CHECK_EPILOG = "Exit codes: 0 ok, 1 runtime error, 2 usage error, 3 a check failed."
 
 
 def port(text: str) -> int:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._defaults import DEFAULT_DSN
-from ._common import CHECK_EPILOG, EPILOG, EXIT_FAILED, EXIT_OK, add_format, print_json, print_table
+from ._common import (
+    CHECK_EPILOG,
+    EPILOG,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    add_format,
+    print_json,
+    print_table,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -251,4 +259,4 @@ def status_command(args: argparse.Namespace) -> int:
         print_json(report)
     else:
         _print(report)
-    return EXIT_OK if report["ok"] else EXIT_FAILED
+    return EXIT_OK if report["ok"] else EXIT_UNHEALTHY

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from .._defaults import DEFAULT_DSN
 from ._common import (
     CHECK_EPILOG,
-    EXIT_FAILED,
     EXIT_OK,
+    EXIT_UNHEALTHY,
     add_format,
     nonnegative,
     print_json,
@@ -222,4 +222,4 @@ def health_command(args: argparse.Namespace) -> int:
         )
     if not probed:
         print("llm-gateway: no provider has a key to probe", file=sys.stderr)
-    return EXIT_OK if ok else EXIT_FAILED
+    return EXIT_OK if ok else EXIT_UNHEALTHY
