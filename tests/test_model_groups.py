@@ -91,6 +91,12 @@ async def usage_rows(conn: asyncpg.Connection, tenant: uuid.UUID) -> list[asyncp
 
 ALL_KEYS = {"groq": "gsk-t", "openrouter": "or-t", "llm7": "l7-t"}
 
+
+def group(*members: str) -> list[dict[str, str]]:
+    """A model group's entries from "provider/model" strings (the model may hold a "/")."""
+    return [dict(zip(("provider", "model"), m.split("/", 1), strict=True)) for m in members]
+
+
 # --- validation --------------------------------------------------------------------------
 
 
@@ -98,14 +104,7 @@ def test_model_groups_are_validated_with_dotted_paths() -> None:
     config = parse_tenant_config(
         T,
         {},
-        {
-            "model_groups": {
-                "smart": [
-                    {"provider": "OpenRouter (DeepSeek R1)", "model": "huge-1m"},
-                    {"provider": "groq", "model": "big-128k"},
-                ]
-            }
-        },
+        {"model_groups": {"smart": group("OpenRouter (DeepSeek R1)/huge-1m", "groq/big-128k")}},
     )
     smart = config.inference.model_groups["smart"]
     assert [(e.provider, e.model) for e in smart] == [
@@ -115,15 +114,12 @@ def test_model_groups_are_validated_with_dotted_paths() -> None:
 
     cases = {
         "inference_config.model_groups.smart": [],
-        "inference_config.model_groups.smart.0.provider": [{"provider": "anthropic", "model": "x"}],
+        "inference_config.model_groups.smart.0.provider": group("anthropic/x"),
         "inference_config.model_groups.smart.0.model": [{"provider": "groq"}],
         "inference_config.model_groups.smart.0.modle": [
             {"provider": "groq", "model": "x", "modle": "y"}
         ],
-        "inference_config.model_groups.smart.1": [
-            {"provider": "groq", "model": "x"},
-            {"provider": "Groq", "model": "x"},
-        ],
+        "inference_config.model_groups.smart.1": group("groq/x", "Groq/x"),
     }
     for path, entries in cases.items():
         with pytest.raises(InvalidTenantConfigError) as info:
@@ -136,10 +132,10 @@ def test_model_groups_are_validated_with_dotted_paths() -> None:
 
 
 def test_router_model_groups_are_validated_like_a_tenants() -> None:
-    groups = parse_model_groups({"cheap": [{"provider": "groq", "model": "small-8k"}]})
+    groups = parse_model_groups({"cheap": group("groq/small-8k")})
     assert groups["cheap"][0].provider == "groq"
     with pytest.raises(InvalidModelGroupsError) as info:
-        parse_model_groups({"cheap": [{"provider": "nope", "model": "m"}]})
+        parse_model_groups({"cheap": group("nope/m")})
     assert info.value.field == "model_groups.cheap.0.provider"
     with pytest.raises(InvalidModelGroupsError):
         TenantLLMRouter("postgresql://x@127.0.0.1/db", model_groups={"bad": []})
@@ -191,13 +187,7 @@ async def test_group_routes_in_its_own_order_not_the_preferred_provider(
         llm_tokens=ALL_KEYS,
         inference_config={
             "preferred_provider": "llm7",
-            "model_groups": {
-                "smart": [
-                    {"provider": "openrouter", "model": "huge-1m"},
-                    {"provider": "groq", "model": "big-128k"},
-                    {"provider": "llm7", "model": "mid-32k"},
-                ]
-            },
+            "model_groups": {"smart": group("openrouter/huge-1m", "groq/big-128k", "llm7/mid-32k")},
         },
     )
     sims.openrouter.script("503")
@@ -225,12 +215,12 @@ async def test_tenant_group_wins_over_the_routers_and_router_groups_apply(
     own = await make_tenant(
         pg,
         llm_tokens=ALL_KEYS,
-        inference_config={"model_groups": {"fast": [{"provider": "llm7", "model": "mid-32k"}]}},
+        inference_config={"model_groups": {"fast": group("llm7/mid-32k")}},
     )
     plain = await make_tenant(pg, llm_tokens=ALL_KEYS)
     router_groups = {
-        "fast": [{"provider": "groq", "model": "small-8k"}],
-        "big": [{"provider": "openrouter", "model": "huge-1m"}],
+        "fast": group("groq/small-8k"),
+        "big": group("openrouter/huge-1m"),
     }
     async with TenantLLMRouter(
         pg_dsn, providers=sims.providers(), model_groups=router_groups
@@ -253,11 +243,11 @@ async def test_group_keeps_the_system_key_rules(
         llm_tokens={"llm7": "l7-t"},
         inference_config={
             "use_system_keys": False,
-            "model_groups": {"g": [{"provider": "groq", "model": "big-128k"}]},
+            "model_groups": {"g": group("groq/big-128k")},
         },
     )
     lenient = await make_tenant(
-        pg, inference_config={"model_groups": {"g": [{"provider": "groq", "model": "big-128k"}]}}
+        pg, inference_config={"model_groups": {"g": group("groq/big-128k")}}
     )
     async with TenantLLMRouter(pg_dsn, providers=sims.providers(groq="gsk-sys")) as router:
         with pytest.raises(NoProviderAvailableError) as info:
@@ -274,12 +264,12 @@ async def test_unknown_group_is_a_clear_error_and_sends_nothing(
     tenant = await make_tenant(
         pg,
         llm_tokens=ALL_KEYS,
-        inference_config={"model_groups": {"smart": [{"provider": "groq", "model": "big-128k"}]}},
+        inference_config={"model_groups": {"smart": group("groq/big-128k")}},
     )
     async with TenantLLMRouter(
         pg_dsn,
         providers=sims.providers(),
-        model_groups={"cheap": [{"provider": "groq", "model": "small-8k"}]},
+        model_groups={"cheap": group("groq/small-8k")},
     ) as router:
         with pytest.raises(UnknownModelError) as info:
             await router.complete_for_tenant(tenant, MSG, model="smrat")
@@ -358,14 +348,7 @@ async def test_context_length_400_in_a_stream_group_moves_on(
     tenant = await make_tenant(
         pg,
         llm_tokens=ALL_KEYS,
-        inference_config={
-            "model_groups": {
-                "long": [
-                    {"provider": "llm7", "model": "mid-32k"},
-                    {"provider": "openrouter", "model": "huge-1m"},
-                ]
-            }
-        },
+        inference_config={"model_groups": {"long": group("llm7/mid-32k", "openrouter/huge-1m")}},
     )
     sims.llm7.script(context_400(32768))
     async with TenantLLMRouter(pg_dsn, providers=sims.providers()) as router:
@@ -381,14 +364,7 @@ async def test_context_length_400_with_no_larger_entry_is_final(
     tenant = await make_tenant(
         pg,
         llm_tokens=ALL_KEYS,
-        inference_config={
-            "model_groups": {
-                "g": [
-                    {"provider": "llm7", "model": "mid-32k"},
-                    {"provider": "groq", "model": "small-8k"},
-                ]
-            }
-        },
+        inference_config={"model_groups": {"g": group("llm7/mid-32k", "groq/small-8k")}},
     )
     sims.llm7.script(context_400(32768))
     async with TenantLLMRouter(pg_dsn, providers=sims.providers()) as router:
@@ -419,14 +395,7 @@ async def test_estimated_tokens_skips_group_entries_too_small_up_front(
     tenant = await make_tenant(
         pg,
         llm_tokens=ALL_KEYS,
-        inference_config={
-            "model_groups": {
-                "g": [
-                    {"provider": "groq", "model": "small-8k"},
-                    {"provider": "llm7", "model": "mid-32k"},
-                ]
-            }
-        },
+        inference_config={"model_groups": {"g": group("groq/small-8k", "llm7/mid-32k")}},
     )
     async with TenantLLMRouter(pg_dsn, providers=sims.providers()) as router:
         result = await router.complete_for_tenant(tenant, MSG, model="g", estimated_tokens=20_000)
@@ -489,7 +458,7 @@ async def test_a_router_group_never_carries_one_tenants_key_to_another(
         for i in range(5)
     }
     keyless = await make_tenant(pg)
-    groups = {"g": [{"provider": "groq", "model": "big-128k"}]}
+    groups = {"g": group("groq/big-128k")}
     async with TenantLLMRouter(
         pg_dsn, providers=sims.providers(groq="gsk-system"), model_groups=groups
     ) as router:
