@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from llm_gateway.migrate import apply_migrations
+from llm_gateway.simulator import SimulatedProvider
 
 ADMIN_DSN = os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # Bounds the probe: a firewalled host would otherwise hang for asyncpg's 60 s default.
@@ -90,6 +91,15 @@ def pg_dsn() -> Iterator[str]:
         yield _dsn_for(name)
     finally:
         asyncio.run(_drop(name))
+
+
+@pytest.fixture
+async def two_sims() -> AsyncIterator[tuple[SimulatedProvider, SimulatedProvider]]:
+    """Simulated providers "a" (Groq's API) and "b" (OpenAI's): see tests/two_providers.py."""
+    a = SimulatedProvider(name="a", flavor="groq")
+    b = SimulatedProvider(name="b")
+    async with a, b:
+        yield a, b
 
 
 @pytest.fixture

@@ -6,59 +6,26 @@ the issue's (12 s / 20 s), wide on purpose.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
-from llm_gateway import TenantLLMRouter, provider_settings
+from llm_gateway import TenantLLMRouter
 from llm_gateway.health import AdaptiveTimeouts, HealthRegistry, LatencySketch
-from llm_gateway.simulator import Behaviour, SimulatedProvider
-from tests.conftest import make_tenant
+from llm_gateway.simulator import Behaviour
+from tests.two_providers import prefer_groq, rows, settings
 
 MSG = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[SimulatedProvider, SimulatedProvider]]:
-    a = SimulatedProvider(name="a", flavor="groq")
-    b = SimulatedProvider(name="b")
-    async with a, b:
-        yield a, b
-
-
-def settings(a: SimulatedProvider, b: SimulatedProvider) -> dict[str, Any]:
-    return {
-        "groq": provider_settings("groq", a.root_url, api_key="sys-a"),
-        "llm7": provider_settings("llm7", b.base_url, api_key="sys-b"),
-    }
-
-
-async def rows(pg: asyncpg.Connection, tenant: uuid.UUID) -> list[dict[str, Any]]:
-    found = await pg.fetch(
-        "SELECT * FROM model_usage_stats WHERE tenant_id = $1 ORDER BY timestamp, attempt",
-        tenant,
-    )
-    return [{**r, "metadata": json.loads(r["metadata"] or "null")} for r in found]
-
-
-async def prefer_groq(pg: asyncpg.Connection) -> uuid.UUID:
-    return await make_tenant(
-        pg, inference_config={"preferred_provider": "groq", "fallback_order": ["llm7"]}
-    )
 
 
 # --- the three bounds, default settings ---------------------------------------------
 
 
 async def test_hung_provider_with_fast_history_is_abandoned_within_12s(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         # 20 normal answers (milliseconds) are enough history.
@@ -76,9 +43,9 @@ async def test_hung_provider_with_fast_history_is_abandoned_within_12s(  # type:
 
 
 async def test_hung_provider_without_samples_is_abandoned_within_20s(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     a.fail_with = "hang"
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
@@ -94,9 +61,9 @@ async def test_hung_provider_without_samples_is_abandoned_within_20s(  # type: i
 
 
 async def test_provider_that_always_takes_1_5s_is_never_cut(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     a.latency_ms = 1500
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
@@ -113,9 +80,9 @@ async def test_provider_that_always_takes_1_5s_is_never_cut(  # type: ignore[no-
 
 
 async def test_attempt_timeout_still_sets_a_fixed_cap(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     a.fail_with = "hang"
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), attempt_timeout=2.0) as router:
@@ -174,9 +141,9 @@ def test_attempt_cap_cold_warm_reserve_and_probe() -> None:
 
 
 async def test_streams_and_failures_do_not_feed_the_sketch(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     health = HealthRegistry()
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), health=health) as router:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -28,39 +26,11 @@ from llm_gateway import (
     provider_settings,
 )
 from llm_gateway.health import HealthRegistry
-from llm_gateway.simulator import Behaviour, SimulatedProvider
+from llm_gateway.simulator import Behaviour
 from tests.conftest import make_tenant
+from tests.two_providers import prefer_groq, rows, settings
 
 MSG = [{"role": "user", "content": "hello"}]
-
-
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[SimulatedProvider, SimulatedProvider]]:
-    a = SimulatedProvider(name="a", flavor="groq")
-    b = SimulatedProvider(name="b")
-    async with a, b:
-        yield a, b
-
-
-def settings(a: SimulatedProvider, b: SimulatedProvider, **options: Any) -> dict[str, Any]:
-    return {
-        "groq": provider_settings("groq", a.root_url, api_key="sys-a", **options),
-        "llm7": provider_settings("llm7", b.base_url, api_key="sys-b", **options),
-    }
-
-
-async def rows(pg: asyncpg.Connection, tenant: uuid.UUID) -> list[dict[str, Any]]:
-    found = await pg.fetch(
-        "SELECT * FROM model_usage_stats WHERE tenant_id = $1 ORDER BY timestamp, attempt",
-        tenant,
-    )
-    return [{**r, "metadata": json.loads(r["metadata"] or "null")} for r in found]
-
-
-async def prefer_groq(pg: asyncpg.Connection) -> uuid.UUID:
-    return await make_tenant(
-        pg, inference_config={"preferred_provider": "groq", "fallback_order": ["llm7"]}
-    )
 
 
 # --- item 2: reserved parameters never reach a provider, a breaker or the table -------------
@@ -72,9 +42,9 @@ async def prefer_groq(pg: asyncpg.Connection) -> uuid.UUID:
 )
 @pytest.mark.parametrize("streamed", [False, True])
 async def test_reserved_parameter_is_rejected_up_front(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair, param: str, streamed: bool
+    pg_dsn: str, pg: asyncpg.Connection, two_sims, param: str, streamed: bool
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         for _ in range(6):  # more than the breaker's threshold of 5
@@ -93,9 +63,9 @@ async def test_reserved_parameter_is_rejected_up_front(  # type: ignore[no-untyp
 
 
 async def test_unserialisable_stream_param_is_a_caller_error(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         for _ in range(6):
@@ -110,9 +80,9 @@ async def test_unserialisable_stream_param_is_a_caller_error(  # type: ignore[no
 
 
 async def test_half_open_key_gets_exactly_one_probe_under_concurrency(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     health = HealthRegistry()
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), health=health) as router:
@@ -142,7 +112,7 @@ async def test_half_open_key_gets_exactly_one_probe_under_concurrency(  # type: 
 
 
 async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
     from llm_gateway.attempts import RequestLedger, run_attempts
     from llm_gateway.chain import ChainEntry
@@ -152,7 +122,7 @@ async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore
     from usage import ModelUsageTracker
     from usage.pricing import default_price_book
 
-    a, b = pair
+    a, b = two_sims
     t = await make_tenant(pg)
     provider = create_provider(settings(a, b)["llm7"])
     key = ApiKey("sys-b", "system")
@@ -220,9 +190,9 @@ async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore
 
 
 async def test_stream_opened_late_keeps_its_chunk_timeout(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     # groq fails after 4 s of a 5.5 s deadline, so llm7's stream opens with ~1.5 s left; it
     # sends its first content at once, then stalls.
@@ -247,9 +217,9 @@ async def test_stream_opened_late_keeps_its_chunk_timeout(  # type: ignore[no-un
 
 
 async def test_cancel_twice_while_opening_keeps_the_row(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     a.fail_with = "stall_before_first"
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
@@ -272,9 +242,9 @@ async def test_cancel_twice_while_opening_keeps_the_row(  # type: ignore[no-unty
 
 
 async def test_stream_waits_out_a_short_retry_after(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
     providers = {"groq": settings(a, b)["groq"]}
     a.retry_after = 0.3
@@ -294,9 +264,9 @@ async def test_stream_waits_out_a_short_retry_after(  # type: ignore[no-untyped-
 
 
 async def test_caller_metadata_is_namespaced(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     caller = {"key_fp": "x", "task_type": "y", "stream": False, "feature": "bot"}
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
@@ -317,9 +287,9 @@ async def test_caller_metadata_is_namespaced(  # type: ignore[no-untyped-def]
 
 
 async def test_close_waits_for_in_flight_requests(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     t = await prefer_groq(pg)
     a.latency_ms = 1500
     router = TenantLLMRouter(pg_dsn, providers=settings(a, b))
@@ -386,9 +356,9 @@ def full_backlog() -> Iterator[int]:
 
 
 async def test_provider_connect_timeout_applies_under_a_long_deadline(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair, full_backlog: int
+    pg_dsn: str, pg: asyncpg.Connection, two_sims, full_backlog: int
 ) -> None:
-    _, b = pair
+    _, b = two_sims
     t = await prefer_groq(pg)
     providers = {
         "groq": provider_settings(

@@ -6,55 +6,24 @@ so (status ``cancelled``, ``metadata.hedge``). Real PostgreSQL, simulators over 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
 
-from llm_gateway import InvalidTenantConfigError, TenantLLMRouter, provider_settings
-from llm_gateway.simulator import Behaviour, LatencyDistribution, SimulatedProvider
-from tests.conftest import make_tenant
+from llm_gateway import InvalidTenantConfigError, TenantLLMRouter
+from llm_gateway.simulator import Behaviour, LatencyDistribution
+from tests.two_providers import prefer_groq, rows, settings
 
 MSG = [{"role": "user", "content": "hello"}]
 SLOW = Behaviour("ok", latency_ms=8000)  # far beyond every hedge delay used here
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[tuple[SimulatedProvider, SimulatedProvider]]:
-    a = SimulatedProvider(name="a", flavor="groq")
-    b = SimulatedProvider(name="b")
-    async with a, b:
-        yield a, b
-
-
-def settings(a: SimulatedProvider, b: SimulatedProvider) -> dict[str, Any]:
-    return {
-        "groq": provider_settings("groq", a.root_url, api_key="sys-a"),
-        "llm7": provider_settings("llm7", b.base_url, api_key="sys-b"),
-    }
-
-
-async def rows(pg: asyncpg.Connection, tenant: uuid.UUID) -> list[dict[str, Any]]:
-    found = await pg.fetch(
-        "SELECT * FROM model_usage_stats WHERE tenant_id = $1 ORDER BY attempt", tenant
-    )
-    return [{**r, "metadata": json.loads(r["metadata"] or "null")} for r in found]
-
-
-async def tenant(pg: asyncpg.Connection, **extra: Any) -> uuid.UUID:
-    config = {"preferred_provider": "groq", "fallback_order": ["llm7"], **extra}
-    return await make_tenant(pg, inference_config=config)
-
-
 async def test_slow_first_provider_is_hedged_and_cancelled(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg)
+    a, b = two_sims
+    t = await prefer_groq(pg)
     a.script(Behaviour("ok", latency_ms=2000))
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={"after_ms": 300}) as router:
         result = await router.complete_for_tenant(t, MSG, timeout=30)
@@ -66,7 +35,7 @@ async def test_slow_first_provider_is_hedged_and_cancelled(  # type: ignore[no-u
         ("groq", "cancelled"),
         ("llm7", "success"),
     ]
-    found = {r["provider"]: r for r in await rows(pg, t)}
+    found = {r["provider"]: r for r in await rows(pg, t, by_attempt=True)}
     assert found["groq"]["status"] == "cancelled"
     assert found["groq"]["metadata"]["hedge"] is True
     assert "hedge" in found["groq"]["error_message"]
@@ -83,27 +52,27 @@ async def test_slow_first_provider_is_hedged_and_cancelled(  # type: ignore[no-u
 
 
 async def test_no_hedge_when_the_first_answers_in_time(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg)
+    a, b = two_sims
+    t = await prefer_groq(pg)
     async with TenantLLMRouter(
         pg_dsn, providers=settings(a, b), hedge={"after_ms": 5000}
     ) as router:
         results = [await router.complete_for_tenant(t, MSG) for _ in range(3)]
     assert {r.provider for r in results} == {"groq"}
     assert b.requests == []
-    found = await rows(pg, t)
+    found = await rows(pg, t, by_attempt=True)
     assert [r["status"] for r in found] == ["success"] * 3
     assert all("hedge" not in r["metadata"] for r in found)
 
 
 async def test_tenant_hedge_wins_over_the_router(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    on = await tenant(pg, hedge={"after_ms": 300})
-    off = await tenant(pg, hedge=False)
+    a, b = two_sims
+    on = await prefer_groq(pg, hedge={"after_ms": 300})
+    off = await prefer_groq(pg, hedge=False)
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         a.script(SLOW)
         assert (await router.complete_for_tenant(on, MSG, timeout=30)).provider == "llm7"
@@ -115,10 +84,10 @@ async def test_tenant_hedge_wins_over_the_router(  # type: ignore[no-untyped-def
 
 
 async def test_p95_hedge_uses_the_latency_sketch(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg, hedge={"after": "p95"})
+    a, b = two_sims
+    t = await prefer_groq(pg, hedge={"after": "p95"})
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         # Cold: no basis for a p95, so no hedge; the slow answer is waited for.
         a.script(Behaviour("ok", latency_ms=1500))
@@ -134,10 +103,10 @@ async def test_p95_hedge_uses_the_latency_sketch(  # type: ignore[no-untyped-def
 
 
 async def test_hedge_that_fails_leaves_the_first_to_answer(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg)
+    a, b = two_sims
+    t = await prefer_groq(pg)
     a.script(Behaviour("ok", latency_ms=1500))
     b.script("503")
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={"after_ms": 200}) as router:
@@ -147,14 +116,14 @@ async def test_hedge_that_fails_leaves_the_first_to_answer(  # type: ignore[no-u
         ("llm7", "error"),
         ("groq", "success"),
     ]
-    assert all(r["metadata"]["hedge"] is True for r in await rows(pg, t))
+    assert all(r["metadata"]["hedge"] is True for r in await rows(pg, t, by_attempt=True))
 
 
 async def test_streams_are_not_hedged(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg, hedge={"after_ms": 200})
+    a, b = two_sims
+    t = await prefer_groq(pg, hedge={"after_ms": 200})
     a.script(Behaviour("ok", latency_ms=1500))
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         async with await router.stream_for_tenant(t, MSG, timeout=30) as stream:
@@ -164,14 +133,14 @@ async def test_streams_are_not_hedged(  # type: ignore[no-untyped-def]
 
 
 async def test_invalid_hedge_settings_are_refused(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
+    a, b = two_sims
     with pytest.raises(ValueError, match="after_ms"):
         TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={"after_ms": -1})
     with pytest.raises(ValueError, match="exactly one"):
         TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={})
-    t = await tenant(pg, hedge={"after": "p200"})
+    t = await prefer_groq(pg, hedge={"after": "p200"})
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b)) as router:
         with pytest.raises(InvalidTenantConfigError) as info:
             await router.complete_for_tenant(t, MSG)
@@ -179,10 +148,10 @@ async def test_invalid_hedge_settings_are_refused(  # type: ignore[no-untyped-de
 
 
 async def test_caller_cancelled_during_a_race_writes_both_rows(  # type: ignore[no-untyped-def]
-    pg_dsn: str, pg: asyncpg.Connection, pair
+    pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    a, b = pair
-    t = await tenant(pg)
+    a, b = two_sims
+    t = await prefer_groq(pg)
     a.script(SLOW)
     b.script(SLOW)
     async with TenantLLMRouter(pg_dsn, providers=settings(a, b), hedge={"after_ms": 200}) as router:
@@ -195,7 +164,7 @@ async def test_caller_cancelled_during_a_race_writes_both_rows(  # type: ignore[
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    found = await rows(pg, t)
+    found = await rows(pg, t, by_attempt=True)
     assert sorted((r["provider"], r["status"]) for r in found) == [
         ("groq", "cancelled"),
         ("llm7", "cancelled"),
