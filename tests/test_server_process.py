@@ -170,3 +170,55 @@ async def post_with_session(
             headers={"authorization": f"Bearer {key}", "x-llm-gateway-session": session},
             json={"model": "gpt-4o-mini", "messages": MSG, "stream": stream, "user": user},
         )
+
+
+async def test_a_request_cut_off_by_the_shutdown_bound_gets_a_503_and_its_row(
+    pg_dsn: str, pg: asyncpg.Connection, keys: VirtualKeyStore, tmp_path: Path
+) -> None:
+    tenant = await make_tenant(pg)
+    raw, _ = await keys.create(tenant, name="cut off")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    session = f"cut-{uuid.uuid4().hex[:8]}"
+    async with SimulatedProvider(name="a", latency_ms=60_000) as sim:
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT),
+            "serve",
+            "--port",
+            str(port),
+            "--shutdown-timeout",
+            "1",
+            "--log-level",
+            "critical",
+            env=serve_env(pg_dsn, sim, tmp_path / "spool"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await wait_ready(url, proc)
+            slow = asyncio.create_task(
+                post_with_session(url, raw, session, stream=False, user="u-cut")
+            )
+            async with asyncio.timeout(TIMEOUT):
+                while True:  # until it is at the provider, which answers in a minute
+                    if sim.requests:
+                        break
+                    await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            answer = await slow
+            async with asyncio.timeout(TIMEOUT):
+                _, stderr = await proc.communicate()
+            # One process: uvicorn re-raises the SIGTERM it handled once it has shut down.
+            assert proc.returncode == -signal.SIGTERM, stderr.decode()[-2000:]
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    # The OpenAI error shape the clients parse, not uvicorn's plain-text 500.
+    assert answer.status_code == 503, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["error"]["code"] == "shutting_down"
+    rows = await pg.fetch(
+        "SELECT status, user_id FROM model_usage_stats WHERE session_id = $1", session
+    )
+    assert [(r["status"], r["user_id"]) for r in rows] == [("cancelled", "u-cut")]

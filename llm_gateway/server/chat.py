@@ -6,6 +6,7 @@ the transport: the OpenAI JSON answer, or server-sent events for ``"stream": tru
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator
@@ -37,6 +38,13 @@ __all__ = ["ENDPOINT", "chat_completions", "error_response", "json_response"]
 
 ENDPOINT = "/v1/chat/completions"
 """The usage rows' ``endpoint``."""
+_CUT_OFF = ApiError(
+    503,
+    "the gateway is shutting down and stopped this request; retry it",
+    type="api_error",
+    code="shutting_down",
+    headers={"retry-after": "1"},
+)
 
 # Named parameters of the router's request methods (but the two the body carries): a body field
 # of one of these names would not reach the provider but change the call (a deadline, another
@@ -101,6 +109,14 @@ async def chat_completions(request: Request) -> Response:
         result = await gateway.router.complete_for_tenant(key.tenant_id, chat.messages, **arguments)
     except Exception as exc:
         return error_response(api_error(exc))
+    except asyncio.CancelledError:
+        # uvicorn cancels what still runs when its shutdown bound passes. No byte of the answer
+        # went out yet: answer in the OpenAI shape (clients retry a 503) rather than let it
+        # send a plain-text 500. The router has written the attempt's row (cancelled).
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return error_response(_CUT_OFF)
     return json_response(
         completion_object(result, int(time.time())),
         headers={"x-llm-gateway-provider": result.provider},
