@@ -208,8 +208,8 @@ async def test_a_request_cut_off_by_the_shutdown_bound_gets_a_503_and_its_row(
             answer = await slow
             async with asyncio.timeout(TIMEOUT):
                 _, stderr = await proc.communicate()
-            # One process: uvicorn re-raises the SIGTERM it handled once it has shut down.
-            assert proc.returncode == -signal.SIGTERM, stderr.decode()[-2000:]
+            # One process: uvicorn (0.29 on) re-raises the SIGTERM it handled once shut down.
+            assert proc.returncode in (0, -signal.SIGTERM), stderr.decode()[-2000:]
         finally:
             if proc.returncode is None:
                 proc.kill()
