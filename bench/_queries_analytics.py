@@ -188,3 +188,5 @@ async def time_backfill(conn: asyncpg.Connection, from_scratch: bool) -> None:
             f"  {part}: {len(times)} batches of a day, {sum(times):,.1f} s in all; per batch "
             f"{_spread(times)} s"
         )
+    if taken:  # what autovacuum does soon after: index-only scans need the visibility map
+        await conn.execute("VACUUM ANALYZE")
