@@ -3,8 +3,9 @@
 For each endpoint and model a tenant uses: cost per 1,000 requests, success rate, p50/p95
 latency (successful attempts, from a histogram: within 7.5 %), and the cheaper models it could
 switch to. Read from the daily rollups (``model_usage_endpoint_daily``,
-``model_usage_latency_daily``), so the window starts at the UTC day ``days`` back. A candidate model
-must be:
+``model_usage_latency_daily``; on a database upgraded to 009 with rows, complete once the
+back-fill is: :mod:`usage.analytics.backfill`), so the window starts at the UTC day ``days``
+back. A candidate model must be:
 
 * usable by the tenant: the caller passes the candidates (:class:`CandidateModel`), e.g. from
   :func:`usage.analytics.candidates.tenant_candidates`, which reads the tenant's keys and the
