@@ -249,6 +249,9 @@ BEGIN
     rollup_days_left := 0;
     IF rollups_pending_before IS NOT NULL THEN
         SELECT (min(h.hour) AT TIME ZONE 'UTC')::date INTO oldest FROM model_usage_hourly h;
+        -- Not the days whose raw rows retention dropped: recomputed, they would come back empty.
+        oldest := greatest(oldest,
+                           (llm_gateway_usage_retention_cutoff() AT TIME ZONE 'UTC')::date);
         rollup_days_left := coalesce(greatest(rollups_pending_before - oldest, 0), 0);
     END IF;
     scores_from := llm_gateway_setting('usage_anomaly_scores_from')::timestamptz;
