@@ -123,3 +123,30 @@ def test_upgrade_with_rows_is_back_filled_after_the_migration(
     assert code == 0 and out.startswith("analytics back-fill complete")
     code, out, _ = cli(capsys, "db", "status", "--dsn", bare_dsn)
     assert "analytics rollups" in out and "complete" in out
+
+
+def test_the_merged_009_text_counts_as_applied(
+    bare_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """009 was edited in place (it no longer back-fills); a database that applied the text
+    first merged (which did) is as current, and ``db status`` says "applied", not "changed"."""
+
+    async def arrange(checksum: str) -> None:
+        await apply_migrations(bare_dsn)
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            await conn.execute(
+                "UPDATE llm_gateway_migrations SET checksum = $1 WHERE version = 9", checksum
+            )
+        finally:
+            await conn.close()
+
+    def state() -> str:
+        code, out, err = cli(capsys, "db", "status", "--dsn", bare_dsn, "--format", "json")
+        assert code == 0, err
+        return str({m["version"]: m["state"] for m in json.loads(out)["migrations"]}[9])
+
+    asyncio.run(arrange("3b7ebee565923aa3"))  # 009 as merged in 2e9172e
+    assert state() == "applied"
+    asyncio.run(arrange("a005b7a720583033"))  # 0af6d0c: older functions, not the same
+    assert state() == "changed"

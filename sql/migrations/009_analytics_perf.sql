@@ -16,6 +16,12 @@
 --   when maintenance first refreshes that hour, instead of ten lookups per tenant-hour at query
 --   time. Hours outside the covered range are still scored, computing baselines on the fly.
 -- * Maintenance announces new anomalies (NOTIFY llm_gateway_events, type usage_anomaly).
+-- * The rows already there are rolled up after the migration, in batches (012), not in it.
+--
+-- Edited in place: the text first merged back-filled inside the migration. A database that
+-- applied it is as current as one that applies this text (its rollups were back-filled; 012
+-- finds nothing marked), so `llm-gateway db status` counts it as applied:
+-- earlier-checksums: 3b7ebee565923aa3
 
 INSERT INTO llm_gateway_settings (key, value, description) VALUES
     ('usage_analytics_staged_from', NULL,
