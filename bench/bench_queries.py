@@ -7,6 +7,7 @@ How to run (PostgreSQL reachable through an admin DSN that may create databases)
     python bench/bench_queries.py --dsn postgresql://postgres@db:5432/postgres --runs 9
     python bench/bench_queries.py --keep            # keep the 10 M rows for later runs ...
     python bench/bench_queries.py --reuse --jit-off-only   # ... and measure again on them
+    python bench/bench_queries.py --reuse --backfill-from-scratch   # time the back-fill too
 
 What it does:
 
@@ -33,7 +34,11 @@ a literal, as psql's ``:'tenant_id'`` does, and no prepared statement is reused,
 is planned for its tenant. One warm-up run, then the median of ``--runs`` runs (warm cache).
 The database is dropped at the end unless ``--keep`` is given. ``--reuse`` measures again on
 a kept database (new migrations are applied; nothing is regenerated; a few maintenance runs
-first). Figures are "median (min-max)" over the runs.
+first). Whatever the migrations leave to the batched analytics back-fill (migration 012) is
+run to the end first, a day per transaction, and timed; ``--backfill-from-scratch`` empties the
+daily analytics rollups and stored anomaly scores first, so it times what upgrading a database
+with rows costs. Figures are "median (min-max)" over the runs. The analytics part lives in
+``_queries_analytics.py``, the generator in ``_queries_data.py``.
 """
 
 from __future__ import annotations
@@ -44,93 +49,26 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+from _queries_analytics import bench_analytics, time_backfill
+from _queries_data import (
+    CHUNK,
+    DAYS,
+    GENERATE,
+    HEAVY_TENANT,
+    TENANTS,
+    TYPICAL_TENANT,
+    tenant_uuid_sql,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MONITORING = ROOT / "sql" / "monitoring"
 DB_NAME = "llmgw_bench_queries"
-DAYS = 90
-TENANTS = 1000
-CHUNK = 500_000
-TYPICAL_TENANT = 500  # tenants are numbered by decreasing volume: 500 is the median one
-HEAVY_TENANT = 0
-
-# One row per attempt. $1/$2: first and last g of the chunk, $3: total rows, $4: start time.
-GENERATE = """
-INSERT INTO model_usage_stats
-    (id, tenant_id, user_id, provider, model_name, endpoint, input_tokens, output_tokens,
-     latency_ms, estimated_cost_usd, status, error_message, "timestamp", request_id,
-     requested_model, attempt, key_source, input_price_per_m, output_price_per_m, price_known,
-     session_id, tags)
-SELECT gen_random_uuid(),
-       md5('bench-tenant-' || r.k)::uuid,
-       'user-' || (r.g % 997),
-       m.provider,
-       m.model,
-       'chat.completions',
-       tok.input_tokens,
-       tok.output_tokens,
-       CASE s.status WHEN 'success' THEN 150 + (random() * 2500)::int
-                     WHEN 'timeout' THEN 30000
-                     ELSE 20 + (random() * 300)::int END,
-       round((tok.input_tokens * m.in_price + tok.output_tokens * m.out_price) / 1e6, 6),
-       s.status,
-       CASE s.status WHEN 'success' THEN NULL
-                     WHEN 'rate_limit' THEN 'Rate limit reached for requests per minute'
-                     WHEN 'timeout' THEN 'Request timed out after 30s'
-                     WHEN 'auth_error' THEN 'Invalid API key'
-                     WHEN 'cancelled' THEN 'Client disconnected'
-                     ELSE (ARRAY['Upstream returned 500', 'Bad gateway',
-                                 'Malformed response body'])[1 + (r.g % 3)] END,
-       $4::timestamptz + ((r.g - 1)::float8 / $3) * interval '90 days',
-       gen_random_uuid(),
-       m.model,
-       1,
-       CASE WHEN r.g % 4 = 0 THEN 'platform' ELSE 'tenant' END,
-       m.in_price,
-       m.out_price,
-       m.in_price IS NOT NULL,
-       -- 70 % of rows in a session: one per tenant and 2,000 consecutive rows overall.
-       CASE WHEN r.g % 10 < 7 THEN 'sess-' || r.k || '-' || (r.g / 2000) END,
-       -- Half the rows tagged with one of five tags, a third of those also 'beta'.
-       CASE WHEN r.g % 2 = 0 THEN
-           ARRAY[(ARRAY['chat', 'search', 'summarise', 'agent', 'eval'])[1 + (r.g / 2) % 5]]
-           || CASE WHEN r.g % 3 = 0 THEN ARRAY['beta'] ELSE '{}'::text[] END END
-FROM (SELECT g,
-             floor(1000 * power(random(), 3))::int AS k,
-             (random() * 100)::int AS model_pick,
-             random() AS status_pick
-      FROM generate_series($1::bigint, $2::bigint) AS g) AS r
-CROSS JOIN LATERAL (
-    SELECT * FROM (VALUES
-        ('openai',    'gpt-4o',              2.50::numeric, 10.00::numeric, 30),
-        ('openai',    'gpt-4o-mini',         0.15,           0.60,          55),
-        ('groq',      'llama-3.3-70b',       0.59,           0.79,          75),
-        ('groq',      'llama-3.1-8b',        0.05,           0.08,          85),
-        ('groq',      'experimental-model',  NULL,           NULL,          87),
-        ('anthropic', 'claude-sonnet-4',     3.00,          15.00,          95),
-        ('anthropic', 'claude-haiku',        0.80,           4.00,         101)
-    ) AS v (provider, model, in_price, out_price, upto)
-    WHERE r.model_pick < v.upto ORDER BY v.upto LIMIT 1
-) AS m
-CROSS JOIN LATERAL (
-    SELECT CASE WHEN r.status_pick < 0.930 THEN 'success'
-                WHEN r.status_pick < 0.960 THEN 'rate_limit'
-                WHEN r.status_pick < 0.980 THEN 'error'
-                WHEN r.status_pick < 0.990 THEN 'timeout'
-                WHEN r.status_pick < 0.995 THEN 'auth_error'
-                ELSE 'cancelled' END AS status
-) AS s
-CROSS JOIN LATERAL (
-    SELECT CASE WHEN s.status = 'success' THEN 50 + (random() * 4000)::int END AS input_tokens,
-           CASE WHEN s.status = 'success' THEN 10 + (random() * 1000)::int END AS output_tokens
-) AS tok
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +86,6 @@ class Result:
 def _dsn_for(admin_dsn: str, database: str) -> str:
     base, _, _ = admin_dsn.rpartition("/")
     return f"{base}/{database}"
-
-
-def _tenant_uuid_sql(k: int) -> str:
-    return f"md5('bench-tenant-{k}')::uuid"
 
 
 async def _recreate_database(admin_dsn: str) -> None:
@@ -201,7 +135,7 @@ _SESSIONS: dict[int, str] = {}
 def _load_query(name: str, tenant: int | None) -> str:
     sql = (MONITORING / name).read_text()
     if tenant is not None:
-        sql = sql.replace(":'tenant_id'", _tenant_uuid_sql(tenant))
+        sql = sql.replace(":'tenant_id'", tenant_uuid_sql(tenant))
         sql = sql.replace(":'session_id'", f"'{_SESSIONS.get(tenant, 'none')}'")
     return sql.replace(":'user_id'", "'user-1'")
 
@@ -323,6 +257,7 @@ async def run(
     keep: bool,
     reuse: bool = False,
     jit_off_only: bool = False,
+    backfill_from_scratch: bool = False,
 ) -> None:
     # Imported here so ``--help`` works without the package installed.
     from llm_gateway.migrate import apply_migrations
@@ -353,6 +288,8 @@ async def run(
                 await conn.execute("VACUUM ANALYZE")
             else:
                 generate_s, vacuum_s, analyze_s, backfill_s = await _populate(conn, dsn, rows)
+            # Whatever the migrations left to the batched back-fill (012), before measuring.
+            await time_backfill(conn, backfill_from_scratch)
             # Steady state: what the usage writer pays every few minutes.
             await conn.execute("SELECT llm_gateway_maintain_usage()")
             steady = [await _timed(conn, "SELECT llm_gateway_maintain_usage()") for _ in range(5)]
@@ -394,7 +331,7 @@ async def run(
                     SELECT count(*) FILTER (WHERE "timestamp" >= now() - interval '1 day') AS day,
                            count(*) AS month
                     FROM model_usage_stats
-                    WHERE tenant_id = {_tenant_uuid_sql(k)}
+                    WHERE tenant_id = {tenant_uuid_sql(k)}
                       AND "timestamp" >= now() - interval '30 days'
                     """
                 )
@@ -424,138 +361,16 @@ async def run(
             for k in (TYPICAL_TENANT, HEAVY_TENANT):
                 _SESSIONS[k] = await conn.fetchval(
                     f"SELECT session_id FROM model_usage_stats WHERE tenant_id ="
-                    f" {_tenant_uuid_sql(k)} AND session_id IS NOT NULL"
+                    f" {tenant_uuid_sql(k)} AND session_id IS NOT NULL"
                     ' ORDER BY "timestamp" DESC LIMIT 1'
                 )
             _print_table(await _bench_queries(conn, runs, jit_off_only))
-            await _bench_analytics(conn, dsn, runs)
+            await bench_analytics(conn, dsn, runs, DB_NAME)
         finally:
             await conn.close()
     finally:
         if not keep:
             await _drop_database(admin_dsn)
-
-
-ROLLUPS = (
-    "model_usage_hourly",
-    "model_usage_daily_totals",
-    "model_usage_user_daily",
-    "model_usage_tenant_hourly",
-    "model_usage_user_day",
-    "model_usage_endpoint_daily",
-    "model_usage_latency_daily",
-    "model_usage_tag_daily",
-    "model_usage_recent",
-    "model_usage_tenant_baseline",
-)
-
-
-def _spread(timings: Sequence[float]) -> str:
-    return f"{statistics.median(timings):,.1f} ({min(timings):,.1f}-{max(timings):,.1f})"
-
-
-async def _median_ms(call: Callable[[], Awaitable[object]], runs: int) -> str:
-    await call()  # warm-up
-    timings = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        await call()
-        timings.append((time.perf_counter() - started) * 1000)
-    return _spread(timings)
-
-
-async def _bench_analytics(conn: asyncpg.Connection, dsn: str, runs: int) -> None:
-    """The analytics rollups' size and refresh cost, and the Python calls behind each answer."""
-    from usage.analytics.anomalies import detect_anomalies
-    from usage.analytics.monthly import get_monthly_usage
-    from usage.analytics.recommend import CandidateModel, recommend_models
-    from usage.analytics.report import GROUPINGS, usage_report
-    from usage.pricing import default_price_book
-
-    print("\nRollups (rows estimated by ANALYZE):")
-    for table in ROLLUPS:
-        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-            await conn.execute(f"ANALYZE {table}")
-            r = await conn.fetchrow(
-                "SELECT reltuples::bigint AS rows, pg_total_relation_size(oid) AS bytes"
-                " FROM pg_class WHERE oid = $1::regclass",
-                table,
-            )
-            assert r is not None
-            print(f"  {table:<28} {r['rows']:>12,} rows {r['bytes'] / 2**20:>8,.0f} MiB")
-    # What one steady maintenance run recomputes: the last 3 hours (and their UTC days).
-    window = "now() - interval '3 hours', now()"
-    for fn in ("llm_gateway_refresh_usage_hourly_base", "llm_gateway_refresh_usage_analytics"):
-        times = [await _timed(conn, f"SELECT {fn}({window})") for _ in range(3)]
-        print(f"  {fn}(last 3 h): {_spread([t * 1000 for t in times])} ms")
-    # A maintenance run every 5 minutes, each after 5 minutes of traffic at the generator's
-    # average rate (rows spread over the last 5 minutes), as the usage writer sees it.
-    per_run = max(1, round(await conn.fetchval("SELECT count(*) FROM model_usage_stats")
-                           / (DAYS * 24 * 12)))  # fmt: skip
-    times = []
-    for _ in range(5):
-        start = await conn.fetchval("SELECT now() - interval '5 minutes'")
-        # Row g lands at start + (g - 1) / $3 * 90 days: these per_run rows fill 5 minutes.
-        await conn.execute(GENERATE, 1, per_run, per_run * DAYS * 288, start)
-        times.append(await _timed(conn, "SELECT llm_gateway_maintain_usage()") * 1000)
-    print(f"  llm_gateway_maintain_usage() after {per_run:,} new rows: {_spread(times)} ms")
-    if await conn.fetchval("SELECT to_regproc('llm_gateway_compute_usage_baselines') IS NOT NULL"):
-        this_hour = "date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        times = []
-        for _ in range(3):
-            await conn.execute(f"DELETE FROM model_usage_tenant_baseline WHERE hour = {this_hour}")
-            times.append(await _timed(
-                conn, f"SELECT llm_gateway_compute_usage_baselines({this_hour},"
-                f" {this_hour} + interval '1 hour')") * 1000)  # fmt: skip
-        print(f"  baselines of a new hour (first run in each hour): {_spread(times)} ms")
-
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-    assert pool is not None
-    try:
-        await pool.execute("ALTER DATABASE " + DB_NAME + " SET jit = off")
-        await pool.expire_connections()
-        prices = default_price_book()
-        candidates = [
-            CandidateModel("openai", "gpt-4o-mini", 128_000),
-            CandidateModel("groq", "llama-3.1-8b", 131_072),
-        ]
-        since_30d = datetime.now(UTC) - timedelta(days=30)
-        rows: list[tuple[str, str, str]] = []
-        for label, k in (("typical", TYPICAL_TENANT), ("heaviest", HEAVY_TENANT)):
-            tid = await conn.fetchval(f"SELECT {_tenant_uuid_sql(k)}")
-            calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-                ("get_monthly_usage", lambda t=tid: get_monthly_usage(pool, t)),
-                (
-                    "get_monthly_usage(user)",
-                    lambda t=tid: get_monthly_usage(pool, t, None, "user-1"),
-                ),
-                ("detect_anomalies(24 h)", lambda t=tid: detect_anomalies(pool, tenant_id=t)),
-                ("recommend_models", lambda t=tid: recommend_models(pool, prices, t, candidates)),
-            ]
-            calls += [
-                (f"usage_report(by {by})",
-                 lambda t=tid, b=by: usage_report(pool, since=since_30d, by=b, tenant_id=t))
-                for by in GROUPINGS
-            ]  # fmt: skip
-            for name, call in calls:
-                rows.append((name, label, await _median_ms(call, runs)))
-        rows.append(
-            (
-                "detect_anomalies(24 h)",
-                "all tenants",
-                await _median_ms(lambda: detect_anomalies(pool), runs),
-            )
-        )
-        for by in ("day", "provider", "model"):
-            rows.append(
-                (f"usage_report(by {by})", "all tenants",
-                 await _median_ms(lambda b=by: usage_report(pool, since=since_30d, by=b), runs))
-            )  # fmt: skip
-    finally:
-        await pool.close()
-    print(f"\nAnalytics calls (Python, jit off), ms, median (min-max) of {runs} runs:")
-    for name, label, ms in rows:
-        print(f"  {name:<28} {label:<12} {ms:>24}")
 
 
 def main() -> None:
@@ -576,11 +391,20 @@ def main() -> None:
     )
     parser.add_argument("--jit-off-only", action="store_true", help="skip the JIT columns")
     parser.add_argument("--database", default=DB_NAME, help=f"default {DB_NAME}")
+    parser.add_argument(
+        "--backfill-from-scratch",
+        action="store_true",
+        help="empty the daily analytics rollups of 009 and the stored anomaly scores, then time"
+        " the batched back-fill that refills them (what upgrading a database with rows costs)",
+    )
     args = parser.parse_args()
     DB_NAME = args.database
     asyncio.run(
-        run(args.dsn, args.rows, args.runs, args.keep or args.reuse, args.reuse, args.jit_off_only)
-    )
+        run(
+            args.dsn, args.rows, args.runs, args.keep or args.reuse, args.reuse,
+            args.jit_off_only, args.backfill_from_scratch,
+        )
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

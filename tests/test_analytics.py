@@ -1,5 +1,5 @@
 """Usage analytics: sessions and tags, monthly usage (Python, views, psql files), the rollups
-of migration 008, model-switch recommendations."""
+of migration 008. Recommendations: test_analytics_recommend.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from tests.conftest import make_tenant
 from usage import ModelUsageTracker
 from usage.analytics.labels import InvalidLabelError, labels_from, validate_tags
 from usage.analytics.monthly import parse_month
-from usage.analytics.recommend import CandidateModel
 from usage.spool_codec import decode_row, encode_row, loads
 from usage.writer import unnest_upsert_rows
 
@@ -281,62 +280,3 @@ async def test_session_and_tag_files(
         ("t0", 15, Decimal("0.075000")),  # i even: s0, s2, s1, s0, s2, ... 1000/3000/2000 ...
         ("t1", 15, Decimal("0.075000")),
     }
-
-
-# --- recommendations -----------------------------------------------------------------------
-
-
-async def test_recommendations(
-    pg_dsn: str, pg: asyncpg.Connection, tracker: ModelUsageTracker
-) -> None:
-    tenant, others = uuid.uuid4(), uuid.uuid4()
-    now = datetime.now(UTC) - timedelta(minutes=5)
-
-    async def rows(t: uuid.UUID, provider: str, model: str, n: int, ok: int, tin: int) -> None:
-        for i in range(n):
-            await tracker.track_request(
-                tenant_id=t, provider=provider, model_name=model, endpoint="/summarise",
-                latency_ms=100 + i, input_tokens=tin, output_tokens=200,
-                status="success" if i < ok else "error", timestamp=now - timedelta(hours=i),
-            )  # fmt: skip
-
-    await rows(tenant, "openai", "gpt-4o", 100, 98, 3000)
-    await rows(others, "groq", "llama-3.3-70b-versatile", 50, 30, 100)  # unreliable elsewhere
-    assert await tracker.flush(timeout=30)
-    await pg.execute(
-        "SELECT llm_gateway_refresh_usage_hourly($1, $2)", now - timedelta(days=5), now
-    )
-    candidates = [
-        CandidateModel("openai", "gpt-4o", 128_000),  # the current one
-        CandidateModel("openai", "gpt-4o-mini", 128_000),  # cheaper, fits, no data: listed
-        CandidateModel("groq", "llama-3.1-8b-instant", 2_000),  # too small a window
-        CandidateModel("groq", "llama-3.3-70b-versatile", 131_072),  # 60 % success elsewhere
-        CandidateModel("local", "mystery", 1_000_000),  # priced (local: free) but no window?
-        CandidateModel("openrouter", "unknown-model", 1_000_000),  # no known price
-        CandidateModel("llm7", "gpt-4-turbo", 128_000),  # dearer
-    ]
-    in_use, recs = await tracker.recommend_models(tenant, candidates)
-    (use,) = in_use
-    assert (use.endpoint, use.model_name, use.requests, use.success_rate) == (
-        "/summarise", "gpt-4o", 100, 0.98,
-    )  # fmt: skip
-    # Latencies 100..197 ms on the successes: p50 148.5, p95 192.15; the rollup's histogram
-    # (buckets 15 % wide) gives them within 7.5 %.
-    assert use.p50_latency_ms is not None and use.p95_latency_ms is not None
-    assert abs(use.p50_latency_ms / 148.5 - 1) <= 0.075
-    assert abs(use.p95_latency_ms / 192.15 - 1) <= 0.075
-    (by_file,) = _psql(pg_dsn, "models_by_endpoint.sql", tenant_id=str(tenant))
-    assert by_file[:4] == ["/summarise", "openai", "gpt-4o", "100"]
-    assert Decimal(by_file[5]) == Decimal("0.98")
-    assert float(by_file[6]) == pytest.approx(use.p50_latency_ms, abs=0.05)
-    current = (Decimal("2.50") * 3000 + Decimal("10.00") * 200) * 100 / 10**6
-    assert use.cost_usd == current and use.cost_per_1k_requests == current * 10
-    assert [(r.provider, r.model) for r in recs] == [
-        ("local", "mystery"),
-        ("openai", "gpt-4o-mini"),
-    ]
-    mini = recs[1]
-    projected = (Decimal("0.15") * 3000 + Decimal("0.60") * 200) * 98 / 10**6
-    assert mini.projected_cost_usd == projected
-    assert mini.monthly_saving_usd == (current - projected).quantize(Decimal("0.01"))
-    assert mini.success_basis == "none" and mini.success_rate is None

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from usage import ModelUsageTracker
+from usage.analytics.anomalies import Anomaly, detect_anomalies
 
 # A fixed "now" (a Wednesday, 14:20 UTC): the current hour is 14:00, never scored.
 NOW = datetime(2031, 3, 12, 14, 20, tzinfo=UTC)
@@ -49,10 +51,16 @@ def seasonal(base: float, hour: datetime, weekly: bool) -> float:
     return base * day * weekend
 
 
-def series(rng: random.Random, base: float, start: datetime, weekly: bool = True) -> dict:
+def series(
+    rng: random.Random,
+    base: float,
+    start: datetime,
+    weekly: bool = True,
+    until: datetime = THIS_HOUR,
+) -> dict:
     out: dict[datetime, Hour] = {}
     hour = start
-    while hour <= THIS_HOUR:
+    while hour <= until:
         n = round(seasonal(base, hour, weekly) * rng.uniform(1 - REQUEST_NOISE, 1 + REQUEST_NOISE))
         cost = n * 0.002 * rng.uniform(1 - COST_NOISE, 1 + COST_NOISE)
         out[hour] = Hour(n, round(n * 0.02 * rng.uniform(0.5, 1.5)), cost)
@@ -60,12 +68,12 @@ def series(rng: random.Random, base: float, start: datetime, weekly: bool = True
     return out
 
 
-def busy_hours(rng: random.Random, k: int) -> list[datetime]:
+def busy_hours(rng: random.Random, k: int, now_hour: datetime = THIS_HOUR) -> list[datetime]:
     """``k`` distinct weekday hours 10:00-16:00 in the scored week, before the current hour."""
     pool = [
-        THIS_HOUR - timedelta(hours=h)
+        now_hour - timedelta(hours=h)
         for h in range(1, int(SCORED.total_seconds() // 3600))
-        if (t := THIS_HOUR - timedelta(hours=h)).weekday() < 5 and 10 <= t.hour <= 16
+        if (t := now_hour - timedelta(hours=h)).weekday() < 5 and 10 <= t.hour <= 16
     ]
     return rng.sample(pool, k)
 
@@ -216,6 +224,77 @@ async def test_tenant_too_young_is_not_scored(
     await store(pg, tenant, data)
     # Under three days of history: no baseline, nothing reported (rather than noise).
     assert await tracker.detect_anomalies(since=SCORED, tenant_id=tenant, now=NOW) == []
+
+
+# --- stored scores (migration 012) --------------------------------------------------------------
+
+
+def _key(a: Anomaly) -> tuple[object, ...]:
+    return (a.tenant_id, a.hour, a.metric, a.observed, a.expected, a.score)
+
+
+async def test_stored_scores_answer_as_computed_ones(pg: asyncpg.Connection, pg_dsn: str) -> None:
+    """Maintenance stores the scores of the hours it refreshes; the detector then reads them
+    (the same answer as computing them), and computes what they cannot answer."""
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    since = this_hour - SCORED
+    rng = random.Random(12)
+    mine: list[uuid.UUID] = []
+    for base in (60, 200, 400):
+        tenant = uuid.uuid4()
+        mine.append(tenant)
+        data = series(rng, base, this_hour - HISTORY, until=this_hour)
+        spike, pricey = busy_hours(rng, 2, this_hour)
+        h = data[spike]
+        data[spike] = Hour(h.requests * 3, h.errors * 3, h.cost * 3)
+        h = data[pricey]
+        data[pricey] = Hour(h.requests, h.errors, h.cost * 4)
+        await store(pg, tenant, data)
+    saved = await pg.fetch(
+        "SELECT key, value FROM llm_gateway_settings WHERE key LIKE 'usage_anomaly_scores_%'"
+        " OR key LIKE 'usage_baselines_covered_%'"
+    )
+    pool = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=1)
+    assert pool is not None
+
+    async def computed(min_score: float) -> list[tuple[object, ...]]:
+        rows = await pg.fetch(
+            "SELECT * FROM llm_gateway_usage_anomalies_computed($1, NULL, $2, 5, $3)"
+            " WHERE tenant_id = ANY($4::uuid[])",
+            since, min_score, this_hour, mine,
+        )  # fmt: skip
+        return [tuple(r) for r in rows]
+
+    async def detected(**kwargs: Any) -> list[tuple[object, ...]]:
+        found = await detect_anomalies(pool, since=since, now=this_hour, **kwargs)
+        return [_key(a) for a in found if a.tenant_id in mine]
+
+    try:
+        # What a maintenance run does for the hours it refreshes: baselines, then scores.
+        await pg.execute("SELECT llm_gateway_compute_usage_baselines($1, $2)", since, this_hour)
+        want = await computed(4.0)
+        assert len({a[1] for a in want}) >= 6  # both planted hours of each tenant, at least
+        await pg.execute("SELECT llm_gateway_score_usage_hours($1, $2)", since, this_hour)
+        assert await detected() == want
+
+        # The detector reads the stored scores: one lowered there is no longer reported ...
+        first = want[0]
+        await pg.execute(
+            "UPDATE model_usage_anomaly_scores SET score = 0"
+            " WHERE tenant_id = $1 AND hour = $2 AND metric = $3",
+            *first[:3],
+        )
+        assert await detected() == want[1:]
+        assert await detected(tenant_id=first[0]) == [a for a in want[1:] if a[0] == first[0]]
+        # ... and a min_score below the stored floor (2) is computed: it is back.
+        assert await detected(min_score=1.5) == await computed(1.5)
+    finally:
+        await pool.close()
+        for table in ("model_usage_anomaly_scores", "model_usage_tenant_baseline",
+                      "model_usage_tenant_hourly"):  # fmt: skip
+            await pg.execute(f"DELETE FROM {table} WHERE tenant_id = ANY($1::uuid[])", mine)
+        for r in saved:
+            await pg.execute("SELECT llm_gateway_set_setting($1, $2)", r["key"], r["value"])
 
 
 # --- the scheduled check: NOTIFY once per new anomaly ----------------------------------------

@@ -6,13 +6,16 @@ import asyncio
 import csv
 import io
 import json
+import os
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 
 from llm_gateway.cli import main
+from tests.conftest import _create, _drop, _dsn_for
 
 TENANT = uuid.uuid4()
 
@@ -29,9 +32,15 @@ FROM generate_series(1, 60) AS g
 
 
 @pytest.fixture(scope="module")
-def db(pg_dsn: str) -> str:
+def db() -> Iterator[str]:
+    """A database of its own: recommendations weigh every tenant's success rates, so rows of
+    other modules (or these, for them) would change the answers."""
+    name = f"llmgw_usage_cli_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    dsn = _dsn_for(name)
+
     async def arrange() -> None:
-        conn = await asyncpg.connect(pg_dsn)
+        await _create(name)
+        conn = await asyncpg.connect(dsn)
         try:
             now = datetime.now(UTC) - timedelta(minutes=1)
             await conn.execute(INSERT, TENANT, now)
@@ -42,7 +51,10 @@ def db(pg_dsn: str) -> str:
             await conn.close()
 
     asyncio.run(arrange())
-    return pg_dsn
+    try:
+        yield dsn
+    finally:
+        asyncio.run(_drop(name))
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -1,14 +1,19 @@
-"""``llm-gateway db migrate|status``: apply the SQL migrations; report the database's state.
+"""``llm-gateway db migrate|status|backfill``: apply the SQL migrations; report the database's
+state; back-fill the analytics rollups.
 
 ``status`` reads only: applied and pending migrations, the usage partitions, the rollup's
-freshness and this machine's usage spool backlog. It exits 1 when migrations are pending
-(and, like every command, when the database cannot be reached).
+freshness, what the analytics back-fill has left and this machine's usage spool backlog. It
+exits 1 when migrations are pending (and, like every command, when the database cannot be
+reached). ``backfill`` runs ``llm_gateway_backfill_usage_analytics()`` (migration 012) batch
+after batch, each its own transaction, printing progress; stopped, it resumes where it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,11 +50,12 @@ def register(sub: Any) -> None:
     migrate.set_defaults(run=migrate_command)
     status = db_sub.add_parser(
         "status",
-        help="migrations, usage partitions, rollup freshness, spool backlog",
+        help="migrations, usage partitions, rollup freshness, analytics back-fill, spool backlog",
         description="Applied migrations and those of this package not yet applied, the"
         " partitions of model_usage_stats (range, row estimate, size), when the usage rollup"
-        " was last refreshed and how long ago, and the rows waiting in this machine's usage"
-        " spool. Exits 1 when migrations are pending or the database cannot be reached.",
+        " was last refreshed and how long ago, what the analytics back-fill has left, and the"
+        " rows waiting in this machine's usage spool. Exits 1 when migrations are pending or"
+        " the database cannot be reached.",
         epilog=CHECK_EPILOG,
     )
     status.add_argument("--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})")
@@ -60,6 +66,22 @@ def register(sub: Any) -> None:
     )
     add_format(status)
     status.set_defaults(run=status_command)
+    backfill = db_sub.add_parser(
+        "backfill",
+        help="fill the analytics rollups and anomaly scores of rows older than the migrations",
+        description="Fill the daily analytics rollups (migration 009) for the days written"
+        " before them, newest first, then the stored anomaly scores (012) of older hours: one"
+        " transaction per batch, with progress. Maintenance does the same a batch per run;"
+        " this does it all now. Safe to stop and run again.",
+        epilog=EPILOG,
+    )
+    backfill.add_argument(
+        "--dsn", help=f"PostgreSQL DSN (default: DATABASE_URL, else {DEFAULT_DSN})"
+    )
+    backfill.add_argument(
+        "--days", type=int, default=1, help="days per batch (transaction); default 1"
+    )
+    backfill.set_defaults(run=backfill_command)
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -70,6 +92,57 @@ def migrate_command(args: argparse.Namespace) -> int:
     applied = asyncio.run(apply_migrations(dsn, check=check))
     print(f"applied migrations: {applied}" if applied else "schema is up to date")
     return 0
+
+
+_BACKFILL = "SELECT * FROM llm_gateway_backfill_usage_analytics($1)"
+
+
+def backfill_command(args: argparse.Namespace) -> int:
+    import time
+
+    from ..dsn import connect_checked, dsn_source
+
+    if args.days < 1:
+        print("llm-gateway db backfill: --days must be >= 1", file=sys.stderr)
+        return 2
+    dsn, check = dsn_source(args.dsn)
+
+    async def run() -> int:
+        conn = await connect_checked(dsn, check=check)
+        try:
+            if not await conn.fetchval(
+                "SELECT to_regproc('llm_gateway_backfill_usage_analytics') IS NOT NULL"
+            ):
+                print(
+                    "llm-gateway db backfill: this database has no back-fill (migration 012);"
+                    " run: llm-gateway db migrate",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            started = time.perf_counter()
+            last: tuple[object, ...] = ()
+            while True:
+                batch = time.perf_counter()
+                row = await conn.fetchrow(_BACKFILL, args.days)  # autocommit: one transaction
+                assert row is not None
+                if row["part"] == "done":
+                    break
+                step = (row["part"], row["done_from"], row["days_left"])
+                if step == last:  # no progress: never loop forever
+                    print(f"llm-gateway db backfill: stuck at {step}", file=sys.stderr)
+                    return EXIT_FAILED
+                last = step
+                print(
+                    f"{row['part']}: complete from {row['done_from']:%Y-%m-%d %H:%M} UTC,"
+                    f" {row['days_left']} days left ({time.perf_counter() - batch:.1f} s)",
+                    flush=True,
+                )
+            print(f"analytics back-fill complete ({time.perf_counter() - started:.1f} s)")
+            return EXIT_OK
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
 
 
 # --- status ----------------------------------------------------------------------------------
@@ -95,6 +168,13 @@ def _iso(value: datetime | str | None) -> str | None:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+def _earlier_checksums(sql: str) -> list[str]:
+    """Checksums of earlier texts of a migration edited in place that leave a database as
+    current as this text does: its ``-- earlier-checksums: ...`` line."""
+    found = re.search(r"^-- earlier-checksums:(.*)$", sql, re.M)
+    return found[1].split() if found else []
+
+
 async def _migrations(conn: asyncpg.Connection) -> dict[str, Any]:
     from ..migrate import load_migrations
 
@@ -113,7 +193,8 @@ async def _migrations(conn: asyncpg.Connection) -> dict[str, Any]:
         elif mine is None:
             state = "unknown"  # applied by a newer version of the package
         else:
-            state = "applied" if row["checksum"] == mine.checksum else "changed"
+            current = {mine.checksum, *_earlier_checksums(mine.sql)}
+            state = "applied" if row["checksum"] in current else "changed"
         listed.append(
             {
                 "version": version,
@@ -134,7 +215,7 @@ async def _usage(conn: asyncpg.Connection) -> dict[str, Any]:
         " AND to_regclass('llm_gateway_settings') IS NOT NULL"
     )
     if not has:  # before migration 002
-        return {"partitions": [], "rollup": None}
+        return {"partitions": [], "rollup": None, "analytics": None}
     partitions = [
         {**dict(r), "range_from": _iso(r["range_from"]), "range_to": _iso(r["range_to"])}
         for r in await conn.fetch(_PARTITIONS)
@@ -148,7 +229,25 @@ async def _usage(conn: asyncpg.Connection) -> dict[str, Any]:
         "lag_seconds": None if last is None else round((r["now"] - last).total_seconds(), 1),
         "analyzed_at": r["analyzed_at"],
     }
-    return {"partitions": partitions, "rollup": rollup}
+    return {"partitions": partitions, "rollup": rollup, "analytics": await _analytics(conn)}
+
+
+async def _analytics(conn: asyncpg.Connection) -> dict[str, Any] | None:
+    """What the analytics back-fill has left (migration 012); None before it."""
+    if not await conn.fetchval(
+        "SELECT to_regproc('llm_gateway_usage_analytics_backfill_state') IS NOT NULL"
+    ):
+        return None
+    r = await conn.fetchrow("SELECT * FROM llm_gateway_usage_analytics_backfill_state()")
+    assert r is not None
+    before = r["rollups_pending_before"]
+    return {
+        "rollups_pending_before": None if before is None else before.isoformat(),
+        "rollup_days_left": r["rollup_days_left"],
+        "scores_from": _iso(r["scores_from"]),
+        "scores_to": _iso(r["scores_to"]),
+        "score_days_left": r["score_days_left"],
+    }
 
 
 def spool_backlog(directory: Path) -> dict[str, Any]:
@@ -227,6 +326,23 @@ def _print(report: dict[str, Any]) -> None:
     )
     rollup = report["rollup"] or {}
     spool = report["spool"]
+    analytics = report["analytics"]
+    backfill = []
+    if analytics is not None:
+        before = analytics["rollups_pending_before"]
+        backfill = [
+            (
+                "analytics rollups",
+                "complete" if before is None else f"back-filling: {analytics['rollup_days_left']}"
+                f" days before {before} left (llm-gateway db backfill)",
+            ),
+            (
+                "anomaly scores stored",
+                f"{analytics['scores_from'] or '-'} .. {analytics['scores_to'] or '-'}"
+                + (f"; {analytics['score_days_left']} days to back-fill"
+                   if analytics["score_days_left"] else ""),
+            ),
+        ]  # fmt: skip
     print_table(
         "rollup and spool",
         ("ITEM", "VALUE"),
@@ -234,6 +350,7 @@ def _print(report: dict[str, Any]) -> None:
             ("rollup refreshed to", rollup.get("refreshed_to") or "never"),
             ("rollup last refresh", rollup.get("last_refresh") or "never"),
             ("rollup lag (s)", rollup.get("lag_seconds")),
+            *backfill,
             ("spool directory", spool["directory"] + ("" if spool["exists"] else " (absent)")),
             ("spool pending files", spool["pending_files"]),
             ("spool pending rows", spool["pending_rows"]),

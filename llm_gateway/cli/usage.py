@@ -1,8 +1,9 @@
 """``llm-gateway usage report|anomalies|recommend``: answers from the usage ledger.
 
 Tables in a terminal are drawn by ``rich``; ``--format json`` and ``--format csv`` print the
-same rows for scripts. Every query is served from the rollups or indexes of migration 008
-(see ``usage.analytics``).
+same rows for scripts. Every query is served from the rollups or indexes of migrations 008,
+009 and 012 (see ``usage.analytics``); while the daily rollups are being back-filled, answers
+read from them say so on stderr.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,7 +191,18 @@ def _with_pool(args: argparse.Namespace, work: Callable[[asyncpg.Pool], Awaitabl
     return asyncio.run(main())
 
 
+async def _backfill_note(pool: asyncpg.Pool, since: datetime) -> None:
+    """On stderr: the answer reads daily rollups still being back-filled for its window."""
+    from usage.analytics.backfill import backfill_state
+
+    state = await backfill_state(pool)
+    note = None if state is None else state.note(since)
+    if note is not None:
+        print(f"llm-gateway: note: {note}", file=sys.stderr)
+
+
 def _report(args: argparse.Namespace) -> int:
+    from usage.analytics.backfill import reads_daily_rollups
     from usage.analytics.report import usage_report
 
     if args.user is not None and args.tenant is None:
@@ -214,6 +226,8 @@ def _report(args: argparse.Namespace) -> int:
             [(r.key, r.requests, r.input_tokens, r.output_tokens, r.cost_usd, r.errors)
              for r in rows],
         )  # fmt: skip
+        if reads_daily_rollups(args.by, args.user is not None):
+            await _backfill_note(pool, args.since)
         if args.html is not None:
             return await _write_html(pool, args)
         return 0
@@ -274,6 +288,7 @@ def _recommend(args: argparse.Namespace) -> int:
         await prices.refresh(pool)
         candidates = await tenant_candidates(pool, args.tenant)
         in_use, recs = await recommend_models(pool, prices, args.tenant, candidates, days=args.days)
+        await _backfill_note(pool, datetime.now(UTC) - timedelta(days=args.days))
         use_cols = ("endpoint", "provider", "model", "requests", "cost_per_1k_requests",
                     "success_rate", "p50_ms", "p95_ms")  # fmt: skip
         use_rows = [

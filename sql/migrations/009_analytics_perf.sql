@@ -16,6 +16,12 @@
 --   when maintenance first refreshes that hour, instead of ten lookups per tenant-hour at query
 --   time. Hours outside the covered range are still scored, computing baselines on the fly.
 -- * Maintenance announces new anomalies (NOTIFY llm_gateway_events, type usage_anomaly).
+-- * The rows already there are rolled up after the migration, in batches (012), not in it.
+--
+-- Edited in place: the text first merged back-filled inside the migration. A database that
+-- applied it is as current as one that applies this text (its rollups were back-filled; 012
+-- finds nothing marked), so `llm-gateway db status` counts it as applied:
+-- earlier-checksums: 3b7ebee565923aa3
 
 INSERT INTO llm_gateway_settings (key, value, description) VALUES
     ('usage_analytics_staged_from', NULL,
@@ -799,19 +805,14 @@ COMMENT ON FUNCTION llm_gateway_maintain_usage() IS
     'Usage upkeep: monthly partitions ahead, retention, rollup refresh, daily ANALYZE, '
     'announcement of new usage anomalies. Run every few minutes (the SDK does; or pg_cron).';
 
--- Rows written before this migration: the new daily rollups from the raw rows (whole days,
--- which also fills the working set for yesterday and today).
-DO $$
-DECLARE
-    lo timestamptz;
-    hi timestamptz;
-BEGIN
-    SELECT min(hour), max(hour) + interval '1 hour' INTO lo, hi FROM model_usage_hourly;
-    IF lo IS NOT NULL THEN
-        -- Starting before the working set's first hour forces the whole-day path: the daily
-        -- rollups of 008 and the working set start consistent.
-        PERFORM llm_gateway_refresh_usage_analytics(
-            least(lo, (date_trunc('day', now() AT TIME ZONE 'UTC') - interval '1 day 1 hour')
-                      AT TIME ZONE 'UTC'), hi);
-    END IF;
-END $$;
+-- Rows written before this migration are not rolled up here: at 10 M rows that took over 40
+-- minutes, in one transaction. Migration 012's llm_gateway_backfill_usage_analytics() does it
+-- in batches of whole days (maintenance, a day per run, or `llm-gateway db backfill`); this
+-- marks the days to do: every day with rows up to today.
+INSERT INTO llm_gateway_settings (key, value, description) VALUES
+    ('usage_analytics_backfill_before',
+     (SELECT ((now() AT TIME ZONE 'UTC')::date + 1)::text
+      WHERE EXISTS (SELECT FROM model_usage_hourly)),
+     'State: the daily analytics rollups (009) lack the days before this UTC date that have '
+     'rows; llm_gateway_backfill_usage_analytics() fills them, newest first. NULL = complete.')
+ON CONFLICT (key) DO NOTHING;

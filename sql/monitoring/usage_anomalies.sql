@@ -1,6 +1,7 @@
 -- Hourly anomalies of every tenant over the last 24 complete hours (cost, requests, error
 -- rate against the tenant's hour-of-week baseline; see llm_gateway_usage_anomalies in
--- migration 008). One tenant: pass its uuid instead of NULL.
+-- migrations 008 and 012: read from the scores maintenance stores for each complete hour).
+-- One tenant: pass its uuid instead of NULL.
 --
 --   psql "$DATABASE_URL" -f sql/monitoring/usage_anomalies.sql
 SELECT tenant_id, hour, metric,

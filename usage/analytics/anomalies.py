@@ -1,7 +1,9 @@
 """Hourly anomalies per tenant: cost, requests and error rate against its own baseline.
 
-The detector is ``llm_gateway_usage_anomalies()`` (migration 008), so Python, psql
-(``sql/monitoring/usage_anomalies.sql``) and the CLI give the same answer. In short: each
+The detector is ``llm_gateway_usage_anomalies()`` (migrations 008, 009, 012), so Python, psql
+(``sql/monitoring/usage_anomalies.sql``) and the CLI give the same answer. Maintenance stores
+the scores of each complete hour it refreshes; the function reads them for the hours they
+cover and computes the others (same numbers, slower). In short: each
 complete UTC hour is compared with the same hour of the week over the previous four weeks
 (median and MAD, an hour without rows counting as zero); tenants younger than two weeks fall
 back to the same hour on the previous days. The README ("Usage analytics") gives the scales,

@@ -3,8 +3,9 @@
 For each endpoint and model a tenant uses: cost per 1,000 requests, success rate, p50/p95
 latency (successful attempts, from a histogram: within 7.5 %), and the cheaper models it could
 switch to. Read from the daily rollups (``model_usage_endpoint_daily``,
-``model_usage_latency_daily``), so the window starts at the UTC day ``days`` back. A candidate model
-must be:
+``model_usage_latency_daily``; on a database upgraded to 009 with rows, complete once the
+back-fill is: :mod:`usage.analytics.backfill`), so the window starts at the UTC day ``days``
+back. A candidate model must be:
 
 * usable by the tenant: the caller passes the candidates (:class:`CandidateModel`), e.g. from
   :func:`usage.analytics.candidates.tenant_candidates`, which reads the tenant's keys and the
@@ -83,7 +84,8 @@ percentiles AS (
 SELECT u.*, power(1.15, p.b50 + 0.5)::float8 AS p50_ms, power(1.15, p.b95 + 0.5)::float8 AS p95_ms
 FROM uses u
 LEFT JOIN percentiles p USING (endpoint, provider, model_name)
-ORDER BY u.endpoint, CASE WHEN u.unpriced < u.requests THEN u.cost_usd END DESC NULLS LAST
+ORDER BY u.endpoint, CASE WHEN u.unpriced < u.requests THEN u.cost_usd END DESC NULLS LAST,
+         u.provider, u.model_name
 """
 
 # Success rates per provider and model: the tenant's (endpoint rollup), all tenants' (daily).
@@ -159,7 +161,8 @@ async def recommend_models(
     min_attempts: int = 20,
     now: datetime | None = None,
 ) -> tuple[list[ModelInUse], list[Recommendation]]:
-    """The models in use per endpoint, and the cheaper candidates, best saving first."""
+    """The models in use per endpoint (dearest first), and the cheaper candidates: best saving
+    first, equal savings (in cents) by endpoint, current model and candidate."""
     tid = tenant_id if isinstance(tenant_id, uuid.UUID) else uuid.UUID(str(tenant_id))
     since = (now or datetime.now(UTC)) - timedelta(days=days)
     async with pool.acquire() as conn:
@@ -228,5 +231,11 @@ async def recommend_models(
                     success_basis=basis,  # type: ignore[arg-type]
                 )
             )
-    found.sort(key=lambda r: (-r.monthly_saving_usd, r.current.endpoint, r.provider, r.model))
+    # Savings are rounded to cents, so equal ones are common: then by endpoint and names.
+    found.sort(
+        key=lambda r: (
+            -r.monthly_saving_usd, r.current.endpoint, r.current.provider, r.current.model_name,
+            r.provider, r.model,
+        )
+    )  # fmt: skip
     return in_use, found

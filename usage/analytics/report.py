@@ -8,7 +8,8 @@ report``), each served from the smallest source that can answer it:
   one user, the raw rows of the window (no rollup keeps user and endpoint or tag together).
 
 Rollup sources are refreshed every few minutes by maintenance; day-grained ones start at the
-UTC day of ``since``.
+UTC day of ``since``. On a database upgraded to 009 with rows in it, the rollups of 009 lack
+the days the back-fill has not reached yet (:mod:`usage.analytics.backfill`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""Upgrading a database that already has rows: migration 009 leaves its daily rollups to the
+batched back-fill (012), which maintenance and ``llm-gateway db backfill`` run; ``db status``
+and the usage commands say what is left."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from llm_gateway.cli import main
+from llm_gateway.migrate import apply_migrations, sql_dir
+from tests.conftest import ADMIN_DSN, _drop, _dsn_for
+from tests.test_analytics_rollups import assert_rollups_match_raw, insert
+
+
+@pytest.fixture
+def bare_dsn() -> Iterator[str]:
+    name = f"llmgw_backfill_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(ADMIN_DSN)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    try:
+        yield _dsn_for(name)
+    finally:
+        asyncio.run(_drop(name))
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def status(capsys: pytest.CaptureFixture[str], dsn: str) -> dict[str, object]:
+    code, out, err = cli(capsys, "db", "status", "--dsn", dsn, "--format", "json")
+    assert code == 0, err
+    found = json.loads(out)["analytics"]
+    assert isinstance(found, dict)
+    return found
+
+
+def test_upgrade_with_rows_is_back_filled_after_the_migration(
+    bare_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenant = uuid.uuid4()
+    this_hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    today = this_hour.date()
+    before_009 = tmp_path / "migrations"
+    before_009.mkdir()
+    for path in sorted((sql_dir() / "migrations").glob("*.sql"))[:8]:  # 001-008
+        shutil.copy(path, before_009)
+
+    async def arrange() -> None:
+        assert await apply_migrations(bare_dsn, directory=before_009) == list(range(1, 9))
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            for k, back in enumerate((timedelta(days=10), timedelta(days=3), timedelta(hours=1))):
+                await insert(conn, tenant, this_hour - back, 20, k)
+            await conn.execute("SELECT llm_gateway_maintain_usage()")  # 008's maintenance
+        finally:
+            await conn.close()
+        assert await apply_migrations(bare_dsn) == [9, 10, 11, 12]
+
+    asyncio.run(arrange())
+    # The migration did not roll the old rows up: it marked the days with rows, up to today.
+    state = status(capsys, bare_dsn)
+    assert state["rollups_pending_before"] == (today + timedelta(days=1)).isoformat()
+    assert state["rollup_days_left"] == 11
+    code, out, err = cli(
+        capsys, "usage", "report", "--dsn", bare_dsn, "--tenant", str(tenant), "--by", "user"
+    )
+    assert code == 0 and "still being back-filled" in err and "11 left" in err
+
+    async def maintain() -> None:
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            await conn.execute("SELECT llm_gateway_maintain_usage()")
+        finally:
+            await conn.close()
+
+    asyncio.run(maintain())  # one day per run
+    assert status(capsys, bare_dsn)["rollups_pending_before"] == today.isoformat()
+
+    code, out, err = cli(capsys, "db", "backfill", "--dsn", bare_dsn, "--days", "4")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines[:3]] == ["rollups"] * 3  # 10 days left: 4+4+2
+    assert ", 0 days left" in lines[2]
+    assert any(line.startswith("anomaly scores:") for line in lines)
+    assert lines[-1].startswith("analytics back-fill complete")
+
+    async def check() -> None:
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            await assert_rollups_match_raw(conn, tenant)
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
+    state = status(capsys, bare_dsn)
+    assert state["rollups_pending_before"] is None and state["rollup_days_left"] == 0
+    assert state["score_days_left"] == 0 and state["scores_to"] is not None
+    code, _, err = cli(
+        capsys, "usage", "report", "--dsn", bare_dsn, "--tenant", str(tenant), "--by", "user"
+    )
+    assert code == 0 and err == ""
+    code, out, _ = cli(capsys, "db", "backfill", "--dsn", bare_dsn)
+    assert code == 0 and out.startswith("analytics back-fill complete")
+    code, out, _ = cli(capsys, "db", "status", "--dsn", bare_dsn)
+    assert "analytics rollups" in out and "complete" in out
+
+
+def test_the_merged_009_text_counts_as_applied(
+    bare_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """009 was edited in place (it no longer back-fills); a database that applied the text
+    first merged (which did) is as current, and ``db status`` says "applied", not "changed"."""
+
+    async def arrange(checksum: str) -> None:
+        await apply_migrations(bare_dsn)
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            await conn.execute(
+                "UPDATE llm_gateway_migrations SET checksum = $1 WHERE version = 9", checksum
+            )
+        finally:
+            await conn.close()
+
+    def state() -> str:
+        code, out, err = cli(capsys, "db", "status", "--dsn", bare_dsn, "--format", "json")
+        assert code == 0, err
+        return str({m["version"]: m["state"] for m in json.loads(out)["migrations"]}[9])
+
+    asyncio.run(arrange("3b7ebee565923aa3"))  # 009 as merged in 2e9172e
+    assert state() == "applied"
+    asyncio.run(arrange("a005b7a720583033"))  # 0af6d0c: older functions, not the same
+    assert state() == "changed"
