@@ -22,8 +22,10 @@ from .._defaults import DEFAULT_DSN
 from ._common import (
     CHECK_EPILOG,
     EPILOG,
+    EXIT_FAILED,
     EXIT_OK,
     EXIT_UNHEALTHY,
+    EXIT_USAGE,
     add_format,
     print_json,
     print_table,
@@ -104,7 +106,7 @@ def backfill_command(args: argparse.Namespace) -> int:
 
     if args.days < 1:
         print("llm-gateway db backfill: --days must be >= 1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     dsn, check = dsn_source(args.dsn)
 
     async def run() -> int:
