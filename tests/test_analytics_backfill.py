@@ -19,7 +19,7 @@ import pytest
 from llm_gateway.cli import main
 from llm_gateway.migrate import apply_migrations, sql_dir
 from tests.conftest import ADMIN_DSN, _drop, _dsn_for
-from tests.test_analytics_rollups import assert_rollups_match_raw, insert
+from tests.test_analytics_rollups import PAIRS, assert_rollups_match_raw, insert
 
 
 @pytest.fixture
@@ -150,3 +150,54 @@ def test_the_merged_009_text_counts_as_applied(
     assert state() == "applied"
     asyncio.run(arrange("a005b7a720583033"))  # 0af6d0c: older functions, not the same
     assert state() == "changed"
+
+
+def test_upgrade_from_before_008_leaves_its_rollups_to_the_back_fill(
+    bare_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """008 no longer rolls old rows up inside the migration (12 minutes at 10 M rows); the
+    batched back-fill fills its per-user rollup with 009's."""
+    tenant = uuid.uuid4()
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    before_008 = tmp_path / "migrations"
+    before_008.mkdir()
+    for path in sorted((sql_dir() / "migrations").glob("*.sql"))[:7]:  # 001-007
+        shutil.copy(path, before_008)
+    user_daily_sql, raw_sql = PAIRS["user_daily"]
+
+    async def arrange() -> None:
+        assert await apply_migrations(bare_dsn, directory=before_008) == list(range(1, 8))
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            await conn.execute(  # 007's columns: no session, no tags yet
+                "INSERT INTO model_usage_stats (id, tenant_id, user_id, provider, model_name,"
+                " endpoint, input_tokens, output_tokens, latency_ms, estimated_cost_usd, status,"
+                " \"timestamp\") SELECT gen_random_uuid(), $1, 'u' || (i % 2), 'openai',"
+                " 'm', '/e', 10, 5, 100, 0.001, 'success', $2::timestamptz - i * interval '1 h'"
+                " FROM generate_series(1, 30) AS i",
+                tenant,
+                day,
+            )
+            await conn.execute("SELECT llm_gateway_maintain_usage()")  # 002's maintenance
+        finally:
+            await conn.close()
+        assert await apply_migrations(bare_dsn) == list(range(8, 13))
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            assert await conn.fetch(user_daily_sql, tenant) == []  # not in the migration
+        finally:
+            await conn.close()
+
+    asyncio.run(arrange())
+    code, _, err = cli(capsys, "db", "backfill", "--dsn", bare_dsn)
+    assert code == 0, err
+
+    async def check() -> None:
+        conn = await asyncpg.connect(bare_dsn)
+        try:
+            got = sorted(tuple(r) for r in await conn.fetch(user_daily_sql, tenant))
+            assert got and got == sorted(tuple(r) for r in await conn.fetch(raw_sql, tenant))
+        finally:
+            await conn.close()
+
+    asyncio.run(check())
