@@ -51,6 +51,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # bench/ is not a package: found through sys.path
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -109,6 +110,72 @@ class DropExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+_REQUEST_START = {
+    "gen_ai.operation.name": "chat",
+    "llm_gateway.tenant": "7b0e7f5c-3a52-4d39-9d5a-0c1f6a8e2b11",
+    "llm_gateway.stream": False,
+    "llm_gateway.request_id": "0c1f6a8e-2b11-4d39-9d5a-7b0e7f5c3a52",
+}
+_ATTEMPT_START = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.system": "llm7",
+    "gen_ai.request.model": MODEL,
+    "llm_gateway.attempt": 1,
+    "llm_gateway.key_source": "system",
+}
+_ATTEMPT_END = {
+    "llm_gateway.outcome": "success",
+    "gen_ai.response.model": MODEL,
+    "gen_ai.usage.input_tokens": 12,
+    "llm_gateway.cost_usd": 0.0001,
+}
+_REQUEST_END = {
+    "llm_gateway.outcome": "success",
+    "gen_ai.system": "llm7",
+    "gen_ai.response.model": MODEL,
+    "llm_gateway.attempts": 1,
+    "gen_ai.usage.input_tokens": 12,
+}
+
+
+class SdkFloor:
+    """Two bare SDK spans per iteration, the shape of a request's (no router, no gateway
+    code): what the OpenTelemetry SDK itself costs, with the same processor and exporter."""
+
+    def __init__(self) -> None:
+        self.exporter = DropExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self._tracer = self.tracer_provider.get_tracer("bench")
+
+    async def run(self, n: int) -> float:
+        """CPU seconds per iteration of ``n`` iterations, the span flush included."""
+        gc.collect()
+        cpu = time.process_time()
+        await self.spans(n)
+        return (time.process_time() - cpu) / n
+
+    async def spans(self, n: int) -> None:
+        """``n`` iterations, then the span flush."""
+        tracer = self._tracer
+        for i in range(n):  # the attributes the router's spans carry, at the best places
+            parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
+            child = tracer.start_span(
+                "chat m",
+                context=trace.set_span_in_context(parent),
+                kind=trace.SpanKind.CLIENT,
+                attributes=_ATTEMPT_START,
+            )
+            child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
+            child.end()
+            parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
+            parent.end()
+        self.tracer_provider.force_flush()
+
+    def close(self) -> None:
+        self.tracer_provider.shutdown()
 
 
 async def recorded_answer() -> tuple[bytes, Any]:
@@ -175,9 +242,15 @@ async def make(
 
 async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
     """CPU seconds per request of ``n`` sequential requests, flushes included."""
-    complete = v.router.complete_for_tenant
     gc.collect()
     cpu = time.process_time()
+    await requests(v, tenant, n)
+    return (time.process_time() - cpu) / n
+
+
+async def requests(v: Variant, tenant: uuid.UUID, n: int) -> None:
+    """``n`` sequential requests, then the usage flush and the span flush."""
+    complete = v.router.complete_for_tenant
     for _ in range(n):
         await complete(tenant, MESSAGES)
     tracker = v.router.usage_tracker
@@ -185,7 +258,6 @@ async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
     await tracker.flush(timeout=30)
     if v.tracer_provider is not None:
         v.tracer_provider.force_flush()
-    return (time.process_time() - cpu) / n
 
 
 async def amain(args: argparse.Namespace) -> None:

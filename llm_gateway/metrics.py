@@ -101,11 +101,6 @@ class _Histogram:
         self.count = 0
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.buckets[bisect_left(self.bounds, value)] += 1  # le: value <= bound
-        self.count += 1
-        self.sum += value
-
     def merge(self, other: _Histogram) -> None:
         for i, n in enumerate(other.buckets):
             self.buckets[i] += n
@@ -114,46 +109,88 @@ class _Histogram:
 
 
 class Counts:
-    """One router's counters: label values -> value. Updated on its event loop only."""
+    """One router's counters: label values -> value. Updated on its event loop only.
+
+    An attempt touches one slot: ``slots[(provider, model, outcome, key_source[, tenant])]``
+    is ``[attempts, input tokens, output tokens, cost]``; the token and cost series are sums
+    over it, made at scrape time (:meth:`series`). Histograms are keyed by provider alone.
+    """
 
     __slots__ = (
         "attempt_durations",
-        "attempts",
-        "cost",
         "failovers",
         "quota",
         "request_durations",
         "requests",
+        "slots",
         "tenant_label",
-        "tokens",
         "ttft",
     )
 
     def __init__(self, tenant_label: bool = False) -> None:
         self.tenant_label = tenant_label
         self.requests: dict[tuple[str, ...], float] = {}
-        self.attempts: dict[tuple[str, ...], float] = {}
+        self.slots: dict[tuple[str, ...], list[float]] = {}
         self.failovers: dict[tuple[str, ...], float] = {}
-        self.tokens: dict[tuple[str, ...], float] = {}
-        self.cost: dict[tuple[str, ...], float] = {}
         self.quota: dict[tuple[str, ...], float] = {}
-        self.request_durations: dict[tuple[str, ...], _Histogram] = {}
-        self.attempt_durations: dict[tuple[str, ...], _Histogram] = {}
-        self.ttft: dict[tuple[str, ...], _Histogram] = {}
+        self.request_durations: _Histogram | None = None
+        self.attempt_durations: dict[str, _Histogram] = {}
+        self.ttft: dict[str, _Histogram] = {}
 
     def merge(self, other: Counts) -> None:
-        for name in ("requests", "attempts", "failovers", "tokens", "cost", "quota"):
+        for name in ("requests", "failovers", "quota"):
             mine: dict[tuple[str, ...], float] = getattr(self, name)
             for key, n in list(getattr(other, name).items()):
                 mine[key] = mine.get(key, 0.0) + n
-        for name in ("request_durations", "attempt_durations", "ttft"):
-            hists: dict[tuple[str, ...], _Histogram] = getattr(self, name)
-            for key, h in list(getattr(other, name).items()):
-                if key not in hists:
-                    hists[key] = _Histogram(h.bounds)
-                hists[key].merge(h)
+        for key, slot in list(other.slots.items()):
+            into = self.slots.setdefault(key, [0, 0, 0, 0.0])
+            for i, n in enumerate(slot):
+                into[i] += n
+        if other.request_durations is not None:
+            if self.request_durations is None:
+                self.request_durations = _Histogram(_DURATION_BUCKETS)
+            self.request_durations.merge(other.request_durations)
+        for name in ("attempt_durations", "ttft"):
+            hists: dict[str, _Histogram] = getattr(self, name)
+            for provider, h in list(getattr(other, name).items()):
+                if provider not in hists:
+                    hists[provider] = _Histogram(h.bounds)
+                hists[provider].merge(h)
 
-    # --- the hot path: a few dict updates ----------------------------------------------
+    def series(self) -> dict[str, dict[tuple[str, ...], float]]:
+        """The counters' label values -> value, by attribute name of the collector's table."""
+        attempts: dict[tuple[str, ...], float] = {}
+        tokens: dict[tuple[str, ...], float] = {}
+        cost: dict[tuple[str, ...], float] = {}
+        for key, (n, tokens_in, tokens_out, usd) in self.slots.items():
+            provider, model, tenant = key[0], key[1], key[4:]  # tenant: () or (tenant,)
+            attempts[key] = float(n)
+            for direction, k in (("input", tokens_in), ("output", tokens_out)):
+                if k:
+                    label = (provider, model, direction, *tenant)
+                    tokens[label] = tokens.get(label, 0.0) + k
+            if usd:
+                label = (provider, model, *tenant)
+                cost[label] = cost.get(label, 0.0) + usd
+        return {
+            "requests": self.requests,
+            "attempts": attempts,
+            "failovers": self.failovers,
+            "tokens": tokens,
+            "cost": cost,
+            "quota": self.quota,
+        }
+
+    def histograms(self) -> dict[str, dict[tuple[str, ...], _Histogram]]:
+        """The histograms' label values -> histogram, by attribute name of the collector's."""
+        request = self.request_durations
+        return {
+            "request_durations": {} if request is None else {(): request},
+            "attempt_durations": {(p,): h for p, h in self.attempt_durations.items()},
+            "ttft": {(p,): h for p, h in self.ttft.items()},
+        }
+
+    # --- the hot path: one slot, one histogram ----------------------------------------
 
     def attempt(
         self,
@@ -165,75 +202,57 @@ class Counts:
         cost: Decimal | None,
         tenant: str,
     ) -> None:
-        provider, model = entry.provider, entry.model
-        if self.tenant_label:
-            self._attempt_tenant(entry, outcome, input_tokens, output_tokens, cost, tenant)
-        else:
-            attempts = self.attempts
-            key: tuple[str, ...] = (provider, model, outcome, entry.key_source)
-            attempts[key] = attempts.get(key, 0.0) + 1
-            tokens = self.tokens
-            if input_tokens:
-                key = (provider, model, "input")
-                tokens[key] = tokens.get(key, 0.0) + input_tokens
-            if output_tokens:
-                key = (provider, model, "output")
-                tokens[key] = tokens.get(key, 0.0) + output_tokens
-            if cost:
-                key = (provider, model)
-                self.cost[key] = self.cost.get(key, 0.0) + float(cost)
-        hist = self.attempt_durations.get((provider,))
-        if hist is None:
-            hist = self.attempt_durations[(provider,)] = _Histogram(_DURATION_BUCKETS)
-        hist.observe(latency)
-
-    def _attempt_tenant(
-        self,
-        entry: ChainEntry,
-        outcome: str,
-        input_tokens: int | None,
-        output_tokens: int | None,
-        cost: Decimal | None,
-        tenant: str,
-    ) -> None:
-        provider, model = entry.provider, entry.model
-        key: tuple[str, ...] = (provider, model, outcome, entry.key_source, tenant)
-        self.attempts[key] = self.attempts.get(key, 0.0) + 1
-        tokens = self.tokens
+        provider = entry.provider
+        key: tuple[str, ...] = (
+            (provider, entry.model, outcome, entry.key_source, tenant)
+            if self.tenant_label
+            else (provider, entry.model, outcome, entry.key_source)
+        )
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = [0, 0, 0, 0.0]
+        slot[0] += 1
         if input_tokens:
-            key = (provider, model, "input", tenant)
-            tokens[key] = tokens.get(key, 0.0) + input_tokens
+            slot[1] += input_tokens
         if output_tokens:
-            key = (provider, model, "output", tenant)
-            tokens[key] = tokens.get(key, 0.0) + output_tokens
+            slot[2] += output_tokens
         if cost:
-            key = (provider, model, tenant)
-            self.cost[key] = self.cost.get(key, 0.0) + float(cost)
+            slot[3] += float(cost)
+        hist = self.attempt_durations.get(provider)
+        if hist is None:
+            hist = self.attempt_durations[provider] = _Histogram(_DURATION_BUCKETS)
+        hist.buckets[bisect_left(_DURATION_BUCKETS, latency)] += 1  # le: value <= bound
+        hist.count += 1
+        hist.sum += latency
 
     def failover(self, provider: str, reason: str, tenant: str) -> None:
         key = (provider, reason, tenant) if self.tenant_label else (provider, reason)
         self.failovers[key] = self.failovers.get(key, 0.0) + 1
 
     def first_token(self, provider: str, seconds: float) -> None:
-        _hist(self.ttft, (provider,), _TTFT_BUCKETS).observe(seconds)
+        hist = self.ttft.get(provider)
+        if hist is None:
+            hist = self.ttft[provider] = _Histogram(_TTFT_BUCKETS)
+        hist.buckets[bisect_left(_TTFT_BUCKETS, seconds)] += 1
+        hist.count += 1
+        hist.sum += seconds
 
     def request(
         self, outcome: str, seconds: float, tenant: str, error: BaseException | None
     ) -> None:
         key: tuple[str, ...] = (outcome, tenant) if self.tenant_label else (outcome,)
-        self.requests[key] = self.requests.get(key, 0.0) + 1
-        _hist(self.request_durations, (), _DURATION_BUCKETS).observe(seconds)
+        requests = self.requests
+        requests[key] = requests.get(key, 0.0) + 1
+        hist = self.request_durations
+        if hist is None:
+            hist = self.request_durations = _Histogram(_DURATION_BUCKETS)
+        hist.buckets[bisect_left(_DURATION_BUCKETS, seconds)] += 1
+        hist.count += 1
+        hist.sum += seconds
         if outcome == "quota_exceeded":
             scope, limit = str(getattr(error, "scope", "")), str(getattr(error, "limit", ""))
             key = (scope, limit, tenant) if self.tenant_label else (scope, limit)
             self.quota[key] = self.quota.get(key, 0.0) + 1
-
-
-def _hist(table: dict[tuple[str, ...], _Histogram], key: tuple[str, ...], b: Any) -> _Histogram:
-    h = table.get(key)
-    if h is None:
-        h = table[key] = _Histogram(b)
-    return h
 
 
 class GatewayMetrics:
@@ -333,15 +352,16 @@ class _Collector:
             ),
         )
         totals = metrics.totals() if metrics is not None else Counts()
+        series, hists = totals.series(), totals.histograms()
         out: list[Metric] = []
         for attr, name, doc, labels in counters:
             family = CounterMetricFamily(name, doc, labels=labels)
-            for key, value in sorted(getattr(totals, attr).items()):
+            for key, value in sorted(series[attr].items()):
                 family.add_metric(list(key), value)
             out.append(family)
         for attr, name, doc, labels in histograms:
             hfamily = HistogramMetricFamily(name, doc, labels=labels)
-            for key, h in sorted(getattr(totals, attr).items()):
+            for key, h in sorted(hists[attr].items(), key=lambda kv: kv[0]):
                 cumulative, buckets = 0, []
                 for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
                     cumulative += n

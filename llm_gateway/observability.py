@@ -188,7 +188,7 @@ class RequestObservation:
             None
             if tracing is None
             else tracing.request(
-                str(tenant_id), model, messages if observer.trace_content else None, stream
+                tenant_id, model, messages if observer.trace_content else None, stream
             )
         )
         # Attempts started and not ended yet: (entry, its span or None, attempt number).
@@ -200,7 +200,7 @@ class RequestObservation:
     def begun(self, request_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
         """The request was planned and admitted (its id and canonical tenant are known)."""
         if self._trace is not None:
-            self._trace.set_attribute("llm_gateway.request_id", str(request_id))
+            self._trace.begun(request_id)
 
     def failover(self, provider: str, reason: str) -> None:
         """The attempt loop moves on from ``provider``, which failed with ``reason``."""
@@ -269,7 +269,7 @@ class RequestObservation:
             return
         self.done = True
         if outcome is None:
-            outcome = request_outcome(error)
+            outcome = "success" if error is None else request_outcome(error)
         if self._counts is not None:
             self._counts.request(outcome, time.monotonic() - self._t0, self._label, error)
         trace = self._trace
