@@ -112,26 +112,26 @@ class DropExporter(SpanExporter):
         return None
 
 
-_REQUEST_START = {
+_REQUEST_START: dict[str, Any] = {
     "gen_ai.operation.name": "chat",
     "llm_gateway.tenant": "7b0e7f5c-3a52-4d39-9d5a-0c1f6a8e2b11",
     "llm_gateway.stream": False,
     "llm_gateway.request_id": "0c1f6a8e-2b11-4d39-9d5a-7b0e7f5c3a52",
 }
-_ATTEMPT_START = {
+_ATTEMPT_START: dict[str, Any] = {
     "gen_ai.operation.name": "chat",
     "gen_ai.system": "llm7",
     "gen_ai.request.model": MODEL,
     "llm_gateway.attempt": 1,
     "llm_gateway.key_source": "system",
 }
-_ATTEMPT_END = {
+_ATTEMPT_END: dict[str, Any] = {
     "llm_gateway.outcome": "success",
     "gen_ai.response.model": MODEL,
     "gen_ai.usage.input_tokens": 12,
     "llm_gateway.cost_usd": 0.0001,
 }
-_REQUEST_END = {
+_REQUEST_END: dict[str, Any] = {
     "llm_gateway.outcome": "success",
     "gen_ai.system": "llm7",
     "gen_ai.response.model": MODEL,
@@ -270,60 +270,116 @@ async def amain(args: argparse.Namespace) -> None:
     os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
     async with _common.scratch_database(args.dsn, DB_NAME, keep=args.keep_db) as dsn:
         tenant = await seed(dsn)
-        await measure(
-            args, "canned provider", [await make(n, dsn, answer) for n in VARIANTS], tenant
+        canned = await measure(
+            args,
+            "canned provider",
+            [await make(n, dsn, answer) for n in VARIANTS],
+            tenant,
+            SdkFloor(),
         )
         if not args.skip_http:
             with _common.simulator("llm7", cpu=1) as sim:
                 variants = [await make(n, dsn, answer, sim.base_url) for n in VARIANTS]
-                await measure(
+                http = await measure(
                     args, f"over HTTP to the simulator ({sim.base_url})", variants, tenant
                 )
+            whole_request(canned, http)
     print(f"\n{_common.load_average()}")
 
 
+def whole_request(canned: dict[str, list[float]], http: dict[str, list[float]]) -> None:
+    """The canned path's added CPU as a share of a whole request over HTTP (see the module)."""
+    off = statistics.median(http["off"])
+    rows = []
+    for name in VARIANTS[1:]:
+        added = paired(canned, name)
+        over_http = paired(http, name)
+        rows.append(
+            (
+                name,
+                f"{statistics.median(added):+.1f} ({min(added):+.1f}..{max(added):+.1f})",
+                f"{statistics.median(added) / off * 100:+.1f} %",
+                f"{statistics.median(over_http) / off * 100:+.1f} %"
+                f" ({min(over_http) / off * 100:+.1f}..{max(over_http) / off * 100:+.1f})",
+            )
+        )
+    _common.print_table(
+        f"Share of a whole request over HTTP (off: median {off:,.0f} us of client CPU)",
+        ("variant", "added us (canned, paired)", "of a request", "HTTP paired delta"),
+        rows,
+        note="'of a request': the canned path's paired median added us / the HTTP off median;"
+        " 'HTTP paired delta': the same measured over HTTP (noisier).",
+    )
+
+
+def paired(figures: dict[str, list[float]], name: str) -> list[float]:
+    """``name`` minus ``off``, repeat by repeat (both ran in the same repeat, back to back)."""
+    return [x - o for x, o in zip(figures[name], figures["off"], strict=True)]
+
+
 async def measure(
-    args: argparse.Namespace, what: str, variants: list[Variant], tenant: uuid.UUID
-) -> None:
-    """Interleaved slices of every variant; prints the table and closes the routers."""
+    args: argparse.Namespace,
+    what: str,
+    variants: list[Variant],
+    tenant: uuid.UUID,
+    floor: SdkFloor | None = None,
+) -> dict[str, list[float]]:
+    """Interleaved slices of every variant (and of the SDK floor); prints the table, closes
+    the routers, returns the figures (us per request, one per repeat)."""
     try:
         for v in variants:  # warm-up: config cached, pools open, counters made
             await slice_cpu(v, tenant, min(200, args.requests))
+        if floor is not None:
+            await floor.run(min(200, args.requests))
         figures: dict[str, list[float]] = {v.name: [] for v in variants}
+        if floor is not None:
+            figures["sdk-floor"] = []
         for r in range(args.repeats):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 figures[v.name].append(await slice_cpu(v, tenant, args.requests) * 1e6)
+            if floor is not None:
+                figures["sdk-floor"].append(await floor.run(args.requests) * 1e6)
         base = statistics.median(figures["off"])
         rows = []
-        for v in variants:
-            xs = figures[v.name]
+        for name, xs in figures.items():
             med = statistics.median(xs)
+            if name in ("off", "sdk-floor"):
+                rows.append((name, f"{med:.1f}", f"{min(xs):.1f}..{max(xs):.1f}", "", ""))
+                continue
+            added = paired(figures, name)
+            mid = statistics.median(added)
             rows.append(
                 (
-                    v.name,
+                    name,
                     f"{med:.1f}",
                     f"{min(xs):.1f}..{max(xs):.1f}",
-                    f"{med - base:+.1f}",
-                    f"{(med / base - 1) * 100:+.1f} %",
+                    f"{mid:+.1f} ({min(added):+.1f}..{max(added):+.1f})",
+                    f"{mid / base * 100:+.1f} %",
                 )
             )
         _common.print_table(
             f"CPU per request, {what}, concurrency 1 ({args.requests} requests x"
             f" {args.repeats} repeats, usage rows written)",
-            ("variant", "median us", "spread (min..max)", "+us vs off", "vs off"),
+            ("variant", "median us", "spread (min..max)", "added us, paired (min..max)", "vs off"),
             rows,
+            note="added us: variant minus off in the same repeat; median (min..max) over"
+            " repeats; 'vs off': that median / the off median."
+            + ("\nsdk-floor: two bare SDK spans per iteration, no router." if floor else ""),
         )
         for v in variants:
             if v.exporter is not None:
                 print(f"{v.name}: {v.exporter.spans} spans exported")
             if v.name != "off" and v.provider.traced:
                 print(f"{v.name}: {v.provider.traced} canned requests carried a traceparent")
+        return figures
     finally:
         for v in variants:
             await v.router.close()
             if v.tracer_provider is not None:
                 v.tracer_provider.shutdown()
+        if floor is not None:
+            floor.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

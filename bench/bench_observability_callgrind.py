@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,14 +48,17 @@ KINDS = (*bo.VARIANTS, "sdk-floor")
 
 async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | None) -> None:
     """The measured process: warm up, then ``n`` requests between the two markers."""
+    run: Callable[[int], Awaitable[None]]
     if kind == "sdk-floor":
         floor = bo.SdkFloor()
         run = floor.spans
     else:
         v = await bo.make(kind, dsn, await bo.recorded_answer())
 
-        async def run(k: int) -> None:
+        async def run_requests(k: int) -> None:
             await bo.requests(v, tenant, k)
+
+        run = run_requests
 
     await run(min(200, n))  # warm-up: config cached, pools open, counters made
     gc.collect()

@@ -191,8 +191,8 @@ class RequestObservation:
                 tenant_id, model, messages if observer.trace_content else None, stream
             )
         )
-        # Attempts started and not ended yet: (entry, its span or None, attempt number).
-        self._attempts: list[tuple[ChainEntry, Any, int]] = []
+        # Attempts started and not ended yet: (entry, its span or None).
+        self._attempts: list[tuple[ChainEntry, Any]] = []
         self._number = 0
         self._failed: tuple[str, str] | None = None  # (provider, reason) of the last failure
         self.done = False
@@ -214,10 +214,10 @@ class RequestObservation:
         failed, self._failed = self._failed, None
         trace = self._trace
         if trace is None:
-            self._attempts.append((entry, None, self._number))
+            self._attempts.append((entry, None))
             return None
         span = trace.attempt(entry, self._number, failed)
-        self._attempts.append((entry, span, self._number))
+        self._attempts.append((entry, span))
         return trace.headers(span)
 
     def attempt_ended(
@@ -234,13 +234,16 @@ class RequestObservation:
         """An attempt ended (its usage row was just queued). A row with no started attempt
         (a quota refusal's) is not an attempt and is ignored."""
         attempts = self._attempts
-        for i, opened in enumerate(attempts):
-            if opened[0] is entry:
-                span = opened[1]
-                del attempts[i]
-                break
+        if attempts and attempts[0][0] is entry:  # the usual case: one attempt at a time
+            span = attempts.pop(0)[1]
         else:
-            return
+            for i, opened in enumerate(attempts):
+                if opened[0] is entry:
+                    span = opened[1]
+                    del attempts[i]
+                    break
+            else:
+                return
         m = self._counts
         if m is not None:
             m.attempt(entry, outcome, latency, input_tokens, output_tokens, cost, self._label)
@@ -253,7 +256,7 @@ class RequestObservation:
         """A stream's first content chunk arrived ``seconds`` after its attempt started."""
         if self._counts is not None:
             self._counts.first_token(entry.provider, seconds)
-        for started, span, _ in self._attempts:
+        for started, span in self._attempts:
             if started is entry and span is not None:
                 span.set_attribute("llm_gateway.time_to_first_token_s", seconds)
 
@@ -274,7 +277,7 @@ class RequestObservation:
             self._counts.request(outcome, time.monotonic() - self._t0, self._label, error)
         trace = self._trace
         if trace is not None:
-            for _, span, _ in self._attempts:  # never sent (an unserialisable request)
+            for _, span in self._attempts:  # never sent (an unserialisable request)
                 if span is not None:
                     span.end()
             trace.ended(outcome, result, error)
