@@ -21,12 +21,19 @@ Variants, interleaved within each repeat so drift hits them alike:
   whose exporter drops the spans (its thread's CPU is counted: ``time.process_time()`` is the
   whole process; the processor is flushed at the end of each slice).
 * ``unsampled``: tracing with a provider whose sampler drops every span (``ALWAYS_OFF``):
-  the gateway's own hooks without the SDK recording spans.
+  the SDK's ``start_span`` for a dropped span and the gateway's own hooks and ``traceparent``.
 * ``both``: metrics and tracing.
+* ``sdk-floor`` (canned part only): no router; two bare recorded SDK spans per iteration with
+  the attributes the router's carry, same processor and exporter: the SDK's own floor.
 
 CPU per request = ``time.process_time()`` of the slice (requests + usage flush + span flush)
 / requests, at concurrency 1. Each figure is the median over ``--repeats`` runs; the spread is
-min..max over them.
+min..max over them. The added cost of a variant is paired: variant minus ``off`` of the same
+repeat (run back to back), median (min..max) over repeats -- steadier than the difference of
+two medians on a shared machine. Last table (with the HTTP part): the canned path's paired
+added us as a share of a whole request over HTTP (the HTTP ``off`` median): the gateway adds
+the same work whatever the provider, and the canned path measures it without the HTTP noise.
+For load-independent figures see ``bench_observability_callgrind.py`` (instruction counts).
 """
 
 from __future__ import annotations
@@ -142,11 +149,14 @@ _REQUEST_END: dict[str, Any] = {
 
 class SdkFloor:
     """Two bare SDK spans per iteration, the shape of a request's (no router, no gateway
-    code): what the OpenTelemetry SDK itself costs, with the same processor and exporter."""
+    code): what the OpenTelemetry SDK itself costs, with the same processor and exporter.
+    ``sampled=False``: one span the sampler drops (``ALWAYS_OFF``), all a dropped request
+    makes."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sampled: bool = True) -> None:
         self.exporter = DropExporter()
-        self.tracer_provider = TracerProvider()
+        self.sampled = sampled
+        self.tracer_provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
         self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
         self._tracer = self.tracer_provider.get_tracer("bench")
 
@@ -160,6 +170,10 @@ class SdkFloor:
     async def spans(self, n: int) -> None:
         """``n`` iterations, then the span flush."""
         tracer = self._tracer
+        if not self.sampled:
+            for _ in range(n):
+                tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START).end()
+            return
         for i in range(n):  # the attributes the router's spans carry, at the best places
             parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
             child = tracer.start_span(

@@ -3,21 +3,23 @@
 How to run (from the repository root; valgrind installed; same database and packages as
 ``bench_observability.py``)::
 
-    python bench/bench_observability_callgrind.py                  # ~5 minutes on 2 cores
-    python bench/bench_observability_callgrind.py --requests 300   # quick look
+    python bench/bench_observability_callgrind.py                  # ~15 minutes
+    python bench/bench_observability_callgrind.py --requests 300 --only off metrics  # quick look
     python bench/bench_observability_callgrind.py --profile unsampled   # cProfile, no valgrind
 
 CPU time on a shared machine moves with the load; instruction counts do not. For each variant
-of ``bench_observability.py`` (``off``, ``metrics``, ``unsampled``, ``tracing``, ``both``) and
-for ``sdk-floor`` (two bare OpenTelemetry SDK spans per "request", no router: see
-``bench_observability.sdk_floor``) this runs one child process under ``valgrind
---tool=callgrind``: it builds the router with the canned provider, warms it up, then runs
+of ``bench_observability.py`` (``off``, ``metrics``, ``unsampled``, ``tracing``, ``both``),
+for ``sdk-floor`` (two bare recorded OpenTelemetry SDK spans per "request", no router) and
+``sdk-unsampled`` (one bare span its sampler drops; both ``bench_observability.SdkFloor``)
+this runs one child process under ``valgrind --tool=callgrind`` (serially: ~2 minutes each):
+it builds the router with the canned provider, warms it up (200 requests), then runs
 ``--requests`` sequential requests, the usage flush and the span flush. Counting covers only
 that measured part: callgrind zeroes its counters when the child enters ``os.getpgrp()`` and
 dumps them when it enters ``os.getppid()`` (``--zero-before`` / ``--dump-before`` on
 CPython's C functions of those names; nothing else in the child calls them). The figure is
-the dump's instruction count (``Ir``) / requests. Reruns give the same figures to within
-about 1 % (what varies: the event loop's wake-ups around the usage writer's flushes).
+the dump's instruction count (``Ir``) / requests, whatever the machine's load. Reruns of
+the same code agree to within about 0.2 % (what varies: the event loop's wake-ups around the
+usage writer's flushes, and the batch span processor's thread).
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ import _common  # bench/ is not a package: found through sys.path
 import bench_observability as bo
 
 DB_NAME = "llmgw_bench_observability_cg"
-KINDS = (*bo.VARIANTS, "sdk-floor")
+KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled")
 
 
 async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | None) -> None:
     """The measured process: warm up, then ``n`` requests between the two markers."""
     run: Callable[[int], Awaitable[None]]
-    if kind == "sdk-floor":
-        floor = bo.SdkFloor()
+    if kind.startswith("sdk-"):
+        floor = bo.SdkFloor(sampled=kind == "sdk-floor")
         run = floor.spans
     else:
         v = await bo.make(kind, dsn, await bo.recorded_answer())
@@ -70,7 +72,7 @@ async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | N
     if prof is not None:
         prof.disable()
     os.getppid()  # callgrind: --dump-before
-    if kind == "sdk-floor":
+    if kind.startswith("sdk-"):
         floor.close()
     else:
         await v.router.close()
@@ -159,19 +161,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         base = figures.get("off")
         rows = []
         for kind, ir in figures.items():
-            added = "" if base is None or kind in ("off", "sdk-floor") else f"{ir - base:+,.0f}"
-            share = (
-                ""
-                if base is None or kind in ("off", "sdk-floor")
-                else f"{(ir / base - 1) * 100:+.1f} %"
-            )
+            added = share = ""
+            if base is not None and kind.startswith("sdk-"):
+                share = f"{ir / base * 100:.1f} % of off"
+            elif base is not None and kind != "off":
+                added, share = f"{ir - base:+,.0f}", f"{(ir - base) / base * 100:+.1f} %"
             rows.append((kind, f"{ir:,.0f}", added, share))
         _common.print_table(
             f"Instructions per request, canned provider, concurrency 1 ({args.requests}"
             " requests after a warm-up; usage flush and span flush included)",
             ("variant", "Ir / request", "vs off", "vs off"),
             rows,
-            note="sdk-floor: two bare SDK spans per iteration, no router (not added to off).",
+            note="sdk-floor: two bare recorded SDK spans per iteration, no router;"
+            " sdk-unsampled: one span the sampler drops (what a sampled-out request makes)."
+            " Neither includes off.",
         )
         shutil.rmtree(out, ignore_errors=True)
     finally:
