@@ -22,8 +22,8 @@ The names (a dashboard and alert rules are written against them; ``docs/grafana-
 Counting costs a request two dict lookups (one slot per attempt, one per request; about 5 %
 of the router's own instructions, bench/bench_observability_callgrind.py): each router keeps
 plain counters (one event loop thread each), and one collector per registry turns them into
-metric families at scrape time; a router that is gone leaves its counts in the totals. Tenant ids are no label by
-default; a registry enabled with ``tenant_labels=True`` gives the
+metric families at scrape time; a router that is gone leaves its counts in the totals.
+Tenant ids are no label by default; a registry enabled with ``tenant_labels=True`` gives the
 request, attempt, token, cost, failover and quota counters a ``tenant`` label, set only for
 the tenants a router lists in ``metrics_tenant_labels`` (``""`` for the others).
 """

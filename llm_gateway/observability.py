@@ -143,19 +143,10 @@ class Observer:
         tracker = self._tracker() if self._tracker is not None else None
         return health, cache, tracker.backlog() if tracker is not None else None, tracker
 
-    def request(
-        self,
-        tenant_id: uuid.UUID | str,
-        model: str | None,
-        messages: Sequence[Mapping[str, Any]],
-        stream: bool,
-    ) -> RequestObservation:
-        """Start observing one request (its span, its clock)."""
-        return RequestObservation(self, tenant_id, model, messages, stream)
-
 
 class RequestObservation:
-    """One request as metrics and traces see it; made by :meth:`Observer.request`."""
+    """One request as metrics and traces see it; the router makes one per request when it
+    has an observer (``RequestObservation(observer, tenant_id, model, messages, stream)``)."""
 
     __slots__ = (
         "_attempts",
@@ -210,12 +201,12 @@ class RequestObservation:
 
     def attempt_started(self, entry: ChainEntry) -> Mapping[str, str] | None:
         """An attempt on ``entry`` starts now; returns the trace headers to send with it."""
-        self._number += 1
-        failed, self._failed = self._failed, None
         trace = self._trace
-        if trace is None:
+        if trace is None:  # metrics alone: only which attempts are open
             self._attempts.append((entry, None))
             return None
+        self._number += 1
+        failed, self._failed = self._failed, None
         span = trace.attempt(entry, self._number, failed)
         self._attempts.append((entry, span))
         return trace.headers(span)

@@ -624,7 +624,11 @@ class TenantLLMRouter:
         self._admit(params)
         admission: Admission | None = None
         observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = None if observer is None else observer.request(tenant_id, model, messages, False)
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, False)
+        )
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
@@ -697,7 +701,11 @@ class TenantLLMRouter:
         self._admit(params)
         admission: Admission | None = None
         observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = None if observer is None else observer.request(tenant_id, model, messages, True)
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, True)
+        )
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
