@@ -21,12 +21,19 @@ Variants, interleaved within each repeat so drift hits them alike:
   whose exporter drops the spans (its thread's CPU is counted: ``time.process_time()`` is the
   whole process; the processor is flushed at the end of each slice).
 * ``unsampled``: tracing with a provider whose sampler drops every span (``ALWAYS_OFF``):
-  the gateway's own hooks without the SDK recording spans.
+  the SDK's ``start_span`` for a dropped span and the gateway's own hooks and ``traceparent``.
 * ``both``: metrics and tracing.
+* ``sdk-floor`` (canned part only): no router; two bare recorded SDK spans per iteration with
+  the attributes the router's carry, same processor and exporter: the SDK's own floor.
 
 CPU per request = ``time.process_time()`` of the slice (requests + usage flush + span flush)
 / requests, at concurrency 1. Each figure is the median over ``--repeats`` runs; the spread is
-min..max over them.
+min..max over them. The added cost of a variant is paired: variant minus ``off`` of the same
+repeat (run back to back), median (min..max) over repeats -- steadier than the difference of
+two medians on a shared machine. Last table (with the HTTP part): the canned path's paired
+added us as a share of a whole request over HTTP (the HTTP ``off`` median): the gateway adds
+the same work whatever the provider, and the canned path measures it without the HTTP noise.
+For load-independent figures see ``bench_observability_callgrind.py`` (instruction counts).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # bench/ is not a package: found through sys.path
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -109,6 +117,79 @@ class DropExporter(SpanExporter):
 
     def shutdown(self) -> None:
         return None
+
+
+_REQUEST_START: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "llm_gateway.tenant": "7b0e7f5c-3a52-4d39-9d5a-0c1f6a8e2b11",
+    "llm_gateway.stream": False,
+    "llm_gateway.request_id": "0c1f6a8e-2b11-4d39-9d5a-7b0e7f5c3a52",
+}
+_ATTEMPT_START: dict[str, Any] = {
+    "gen_ai.operation.name": "chat",
+    "gen_ai.system": "llm7",
+    "gen_ai.request.model": MODEL,
+    "llm_gateway.attempt": 1,
+    "llm_gateway.key_source": "system",
+}
+_ATTEMPT_END: dict[str, Any] = {
+    "llm_gateway.outcome": "success",
+    "gen_ai.response.model": MODEL,
+    "gen_ai.usage.input_tokens": 12,
+    "llm_gateway.cost_usd": 0.0001,
+}
+_REQUEST_END: dict[str, Any] = {
+    "llm_gateway.outcome": "success",
+    "gen_ai.system": "llm7",
+    "gen_ai.response.model": MODEL,
+    "llm_gateway.attempts": 1,
+    "gen_ai.usage.input_tokens": 12,
+}
+
+
+class SdkFloor:
+    """Two bare SDK spans per iteration, the shape of a request's (no router, no gateway
+    code): what the OpenTelemetry SDK itself costs, with the same processor and exporter.
+    ``sampled=False``: one span the sampler drops (``ALWAYS_OFF``), all a dropped request
+    makes."""
+
+    def __init__(self, *, sampled: bool = True) -> None:
+        self.exporter = DropExporter()
+        self.sampled = sampled
+        self.tracer_provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(self.exporter))
+        self._tracer = self.tracer_provider.get_tracer("bench")
+
+    async def run(self, n: int) -> float:
+        """CPU seconds per iteration of ``n`` iterations, the span flush included."""
+        gc.collect()
+        cpu = time.process_time()
+        await self.spans(n)
+        return (time.process_time() - cpu) / n
+
+    async def spans(self, n: int) -> None:
+        """``n`` iterations, then the span flush."""
+        tracer = self._tracer
+        if not self.sampled:
+            for _ in range(n):
+                tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START).end()
+            return
+        for i in range(n):  # the attributes the router's spans carry, at the best places
+            parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
+            child = tracer.start_span(
+                "chat m",
+                context=trace.set_span_in_context(parent),
+                kind=trace.SpanKind.CLIENT,
+                attributes=_ATTEMPT_START,
+            )
+            child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
+            child.end()
+            parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
+            parent.end()
+        self.tracer_provider.force_flush()
+
+    def close(self) -> None:
+        self.tracer_provider.shutdown()
 
 
 async def recorded_answer() -> tuple[bytes, Any]:
@@ -175,9 +256,15 @@ async def make(
 
 async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
     """CPU seconds per request of ``n`` sequential requests, flushes included."""
-    complete = v.router.complete_for_tenant
     gc.collect()
     cpu = time.process_time()
+    await requests(v, tenant, n)
+    return (time.process_time() - cpu) / n
+
+
+async def requests(v: Variant, tenant: uuid.UUID, n: int) -> None:
+    """``n`` sequential requests, then the usage flush and the span flush."""
+    complete = v.router.complete_for_tenant
     for _ in range(n):
         await complete(tenant, MESSAGES)
     tracker = v.router.usage_tracker
@@ -185,7 +272,6 @@ async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
     await tracker.flush(timeout=30)
     if v.tracer_provider is not None:
         v.tracer_provider.force_flush()
-    return (time.process_time() - cpu) / n
 
 
 async def amain(args: argparse.Namespace) -> None:
@@ -198,60 +284,116 @@ async def amain(args: argparse.Namespace) -> None:
     os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
     async with _common.scratch_database(args.dsn, DB_NAME, keep=args.keep_db) as dsn:
         tenant = await seed(dsn)
-        await measure(
-            args, "canned provider", [await make(n, dsn, answer) for n in VARIANTS], tenant
+        canned = await measure(
+            args,
+            "canned provider",
+            [await make(n, dsn, answer) for n in VARIANTS],
+            tenant,
+            SdkFloor(),
         )
         if not args.skip_http:
             with _common.simulator("llm7", cpu=1) as sim:
                 variants = [await make(n, dsn, answer, sim.base_url) for n in VARIANTS]
-                await measure(
+                http = await measure(
                     args, f"over HTTP to the simulator ({sim.base_url})", variants, tenant
                 )
+            whole_request(canned, http)
     print(f"\n{_common.load_average()}")
 
 
+def whole_request(canned: dict[str, list[float]], http: dict[str, list[float]]) -> None:
+    """The canned path's added CPU as a share of a whole request over HTTP (see the module)."""
+    off = statistics.median(http["off"])
+    rows = []
+    for name in VARIANTS[1:]:
+        added = paired(canned, name)
+        over_http = paired(http, name)
+        rows.append(
+            (
+                name,
+                f"{statistics.median(added):+.1f} ({min(added):+.1f}..{max(added):+.1f})",
+                f"{statistics.median(added) / off * 100:+.1f} %",
+                f"{statistics.median(over_http) / off * 100:+.1f} %"
+                f" ({min(over_http) / off * 100:+.1f}..{max(over_http) / off * 100:+.1f})",
+            )
+        )
+    _common.print_table(
+        f"Share of a whole request over HTTP (off: median {off:,.0f} us of client CPU)",
+        ("variant", "added us (canned, paired)", "of a request", "HTTP paired delta"),
+        rows,
+        note="'of a request': the canned path's paired median added us / the HTTP off median;"
+        " 'HTTP paired delta': the same measured over HTTP (noisier).",
+    )
+
+
+def paired(figures: dict[str, list[float]], name: str) -> list[float]:
+    """``name`` minus ``off``, repeat by repeat (both ran in the same repeat, back to back)."""
+    return [x - o for x, o in zip(figures[name], figures["off"], strict=True)]
+
+
 async def measure(
-    args: argparse.Namespace, what: str, variants: list[Variant], tenant: uuid.UUID
-) -> None:
-    """Interleaved slices of every variant; prints the table and closes the routers."""
+    args: argparse.Namespace,
+    what: str,
+    variants: list[Variant],
+    tenant: uuid.UUID,
+    floor: SdkFloor | None = None,
+) -> dict[str, list[float]]:
+    """Interleaved slices of every variant (and of the SDK floor); prints the table, closes
+    the routers, returns the figures (us per request, one per repeat)."""
     try:
         for v in variants:  # warm-up: config cached, pools open, counters made
             await slice_cpu(v, tenant, min(200, args.requests))
+        if floor is not None:
+            await floor.run(min(200, args.requests))
         figures: dict[str, list[float]] = {v.name: [] for v in variants}
+        if floor is not None:
+            figures["sdk-floor"] = []
         for r in range(args.repeats):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 figures[v.name].append(await slice_cpu(v, tenant, args.requests) * 1e6)
+            if floor is not None:
+                figures["sdk-floor"].append(await floor.run(args.requests) * 1e6)
         base = statistics.median(figures["off"])
         rows = []
-        for v in variants:
-            xs = figures[v.name]
+        for name, xs in figures.items():
             med = statistics.median(xs)
+            if name in ("off", "sdk-floor"):
+                rows.append((name, f"{med:.1f}", f"{min(xs):.1f}..{max(xs):.1f}", "", ""))
+                continue
+            added = paired(figures, name)
+            mid = statistics.median(added)
             rows.append(
                 (
-                    v.name,
+                    name,
                     f"{med:.1f}",
                     f"{min(xs):.1f}..{max(xs):.1f}",
-                    f"{med - base:+.1f}",
-                    f"{(med / base - 1) * 100:+.1f} %",
+                    f"{mid:+.1f} ({min(added):+.1f}..{max(added):+.1f})",
+                    f"{mid / base * 100:+.1f} %",
                 )
             )
         _common.print_table(
             f"CPU per request, {what}, concurrency 1 ({args.requests} requests x"
             f" {args.repeats} repeats, usage rows written)",
-            ("variant", "median us", "spread (min..max)", "+us vs off", "vs off"),
+            ("variant", "median us", "spread (min..max)", "added us, paired (min..max)", "vs off"),
             rows,
+            note="added us: variant minus off in the same repeat; median (min..max) over"
+            " repeats; 'vs off': that median / the off median."
+            + ("\nsdk-floor: two bare SDK spans per iteration, no router." if floor else ""),
         )
         for v in variants:
             if v.exporter is not None:
                 print(f"{v.name}: {v.exporter.spans} spans exported")
             if v.name != "off" and v.provider.traced:
                 print(f"{v.name}: {v.provider.traced} canned requests carried a traceparent")
+        return figures
     finally:
         for v in variants:
             await v.router.close()
             if v.tracer_provider is not None:
                 v.tracer_provider.shutdown()
+        if floor is not None:
+            floor.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -143,19 +143,10 @@ class Observer:
         tracker = self._tracker() if self._tracker is not None else None
         return health, cache, tracker.backlog() if tracker is not None else None, tracker
 
-    def request(
-        self,
-        tenant_id: uuid.UUID | str,
-        model: str | None,
-        messages: Sequence[Mapping[str, Any]],
-        stream: bool,
-    ) -> RequestObservation:
-        """Start observing one request (its span, its clock)."""
-        return RequestObservation(self, tenant_id, model, messages, stream)
-
 
 class RequestObservation:
-    """One request as metrics and traces see it; made by :meth:`Observer.request`."""
+    """One request as metrics and traces see it; the router makes one per request when it
+    has an observer (``RequestObservation(observer, tenant_id, model, messages, stream)``)."""
 
     __slots__ = (
         "_attempts",
@@ -188,11 +179,11 @@ class RequestObservation:
             None
             if tracing is None
             else tracing.request(
-                str(tenant_id), model, messages if observer.trace_content else None, stream
+                tenant_id, model, messages if observer.trace_content else None, stream
             )
         )
-        # Attempts started and not ended yet: (entry, its span or None, attempt number).
-        self._attempts: list[tuple[ChainEntry, Any, int]] = []
+        # Attempts started and not ended yet: (entry, its span or None).
+        self._attempts: list[tuple[ChainEntry, Any]] = []
         self._number = 0
         self._failed: tuple[str, str] | None = None  # (provider, reason) of the last failure
         self.done = False
@@ -200,7 +191,7 @@ class RequestObservation:
     def begun(self, request_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
         """The request was planned and admitted (its id and canonical tenant are known)."""
         if self._trace is not None:
-            self._trace.set_attribute("llm_gateway.request_id", str(request_id))
+            self._trace.begun(request_id)
 
     def failover(self, provider: str, reason: str) -> None:
         """The attempt loop moves on from ``provider``, which failed with ``reason``."""
@@ -210,14 +201,14 @@ class RequestObservation:
 
     def attempt_started(self, entry: ChainEntry) -> Mapping[str, str] | None:
         """An attempt on ``entry`` starts now; returns the trace headers to send with it."""
+        trace = self._trace
+        if trace is None:  # metrics alone: only which attempts are open
+            self._attempts.append((entry, None))
+            return None
         self._number += 1
         failed, self._failed = self._failed, None
-        trace = self._trace
-        if trace is None:
-            self._attempts.append((entry, None, self._number))
-            return None
         span = trace.attempt(entry, self._number, failed)
-        self._attempts.append((entry, span, self._number))
+        self._attempts.append((entry, span))
         return trace.headers(span)
 
     def attempt_ended(
@@ -234,13 +225,16 @@ class RequestObservation:
         """An attempt ended (its usage row was just queued). A row with no started attempt
         (a quota refusal's) is not an attempt and is ignored."""
         attempts = self._attempts
-        for i, opened in enumerate(attempts):
-            if opened[0] is entry:
-                span = opened[1]
-                del attempts[i]
-                break
+        if attempts and attempts[0][0] is entry:  # the usual case: one attempt at a time
+            span = attempts.pop(0)[1]
         else:
-            return
+            for i, opened in enumerate(attempts):
+                if opened[0] is entry:
+                    span = opened[1]
+                    del attempts[i]
+                    break
+            else:
+                return
         m = self._counts
         if m is not None:
             m.attempt(entry, outcome, latency, input_tokens, output_tokens, cost, self._label)
@@ -253,7 +247,7 @@ class RequestObservation:
         """A stream's first content chunk arrived ``seconds`` after its attempt started."""
         if self._counts is not None:
             self._counts.first_token(entry.provider, seconds)
-        for started, span, _ in self._attempts:
+        for started, span in self._attempts:
             if started is entry and span is not None:
                 span.set_attribute("llm_gateway.time_to_first_token_s", seconds)
 
@@ -269,12 +263,12 @@ class RequestObservation:
             return
         self.done = True
         if outcome is None:
-            outcome = request_outcome(error)
+            outcome = "success" if error is None else request_outcome(error)
         if self._counts is not None:
             self._counts.request(outcome, time.monotonic() - self._t0, self._label, error)
         trace = self._trace
         if trace is not None:
-            for _, span, _ in self._attempts:  # never sent (an unserialisable request)
+            for _, span in self._attempts:  # never sent (an unserialisable request)
                 if span is not None:
                     span.end()
             trace.ended(outcome, result, error)

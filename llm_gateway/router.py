@@ -529,16 +529,6 @@ class TenantLLMRouter:
         )
         return tokens_in, tid, route, admission.entries, ledger, admission
 
-    def _observe(
-        self,
-        tenant_id: uuid.UUID | str,
-        model: str | None,
-        messages: Sequence[Mapping[str, Any]],
-        stream: bool,
-    ) -> RequestObservation | None:
-        observer = self._observer
-        return None if observer is None else observer.request(tenant_id, model, messages, stream)
-
     def _replan(
         self,
         tid: uuid.UUID,
@@ -633,7 +623,12 @@ class TenantLLMRouter:
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
         admission: Admission | None = None
-        obs = self._observe(tenant_id, model, messages, False)
+        observer = self._observer  # None: metrics and tracing off, nothing made
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, False)
+        )
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout
@@ -705,7 +700,12 @@ class TenantLLMRouter:
         labels = _labels(session_id, tags, metadata)
         self._admit(params)
         admission: Admission | None = None
-        obs = self._observe(tenant_id, model, messages, True)
+        observer = self._observer  # None: metrics and tracing off, nothing made
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, True)
+        )
         try:
             started = time.monotonic()
             budget = self.timeout if timeout is None else timeout

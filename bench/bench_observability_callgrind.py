@@ -1,0 +1,194 @@
+"""Instructions per request of the router with metrics and tracing on and off (callgrind).
+
+How to run (from the repository root; valgrind installed; same database and packages as
+``bench_observability.py``)::
+
+    python bench/bench_observability_callgrind.py                  # ~15 minutes
+    python bench/bench_observability_callgrind.py --requests 300 --only off metrics  # quick look
+    python bench/bench_observability_callgrind.py --profile unsampled   # cProfile, no valgrind
+
+CPU time on a shared machine moves with the load; instruction counts do not. For each variant
+of ``bench_observability.py`` (``off``, ``metrics``, ``unsampled``, ``tracing``, ``both``),
+for ``sdk-floor`` (two bare recorded OpenTelemetry SDK spans per "request", no router) and
+``sdk-unsampled`` (one bare span its sampler drops; both ``bench_observability.SdkFloor``)
+this runs one child process under ``valgrind --tool=callgrind`` (serially: ~2 minutes each):
+it builds the router with the canned provider, warms it up (200 requests), then runs
+``--requests`` sequential requests, the usage flush and the span flush. Counting covers only
+that measured part: callgrind zeroes its counters when the child enters ``os.getpgrp()`` and
+dumps them when it enters ``os.getppid()`` (``--zero-before`` / ``--dump-before`` on
+CPython's C functions of those names; nothing else in the child calls them). The figure is
+the dump's instruction count (``Ir``) / requests, whatever the machine's load (the usage
+writer's 0.2 s timer is set aside in the child, so its one write per slice is the final
+flush; the batch span processor keeps its 5 s timer: its exports cost per span, not per
+wake-up). Reruns of
+the same code agree to within about 0.2 % (what varies: the event loop's wake-ups around the
+usage writer's flushes, and the batch span processor's thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common  # bench/ is not a package: found through sys.path
+import bench_observability as bo
+
+DB_NAME = "llmgw_bench_observability_cg"
+KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled")
+
+
+async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | None) -> None:
+    """The measured process: warm up, then ``n`` requests between the two markers."""
+    run: Callable[[int], Awaitable[None]]
+    if kind.startswith("sdk-"):
+        floor = bo.SdkFloor(sampled=kind == "sdk-floor")
+        run = floor.spans
+    else:
+        v = await bo.make(kind, dsn, await bo.recorded_answer())
+        # One usage write per slice (its final flush), not one per 0.2 s of wall time: under
+        # valgrind, and more so under load, the timer would add writes, hence instructions.
+        assert v.router.usage_tracker is not None
+        v.router.usage_tracker._flush_interval = 3600.0
+
+        async def run_requests(k: int) -> None:
+            await bo.requests(v, tenant, k)
+
+        run = run_requests
+
+    await run(min(200, n))  # warm-up: config cached, pools open, counters made
+    gc.collect()
+    prof = cProfile.Profile() if profile else None
+    os.getpgrp()  # callgrind: --zero-before
+    if prof is not None:
+        prof.enable()
+    await run(n)
+    if prof is not None:
+        prof.disable()
+    os.getppid()  # callgrind: --dump-before
+    if kind.startswith("sdk-"):
+        floor.close()
+    else:
+        await v.router.close()
+        if v.tracer_provider is not None:
+            v.tracer_provider.shutdown()
+    if prof is not None and profile:
+        prof.dump_stats(profile)
+
+
+def measure(kind: str, dsn: str, tenant: uuid.UUID, n: int, out: Path) -> float:
+    """Instructions per request of ``kind``, from one child under callgrind."""
+    base = out / kind
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={base}.%p",
+        "--zero-before=os_getpgrp",
+        "--dump-before=os_getppid",
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--child-dsn",
+        dsn,
+        "--child-tenant",
+        str(tenant),
+        "--requests",
+        str(n),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind}: child failed\n{done.stderr[-3000:]}")
+    dumps = sorted(out.glob(f"{kind}.*.1"))  # part 1: zero .. dump
+    if len(dumps) != 1:
+        raise RuntimeError(f"{kind}: expected one dump, found {dumps}")
+    text = dumps[0].read_text()
+    found = re.search(r"^summary: (\d+)", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"{kind}: no summary line in {dumps[0]}")
+    return int(found.group(1)) / n
+
+
+async def setup(args: argparse.Namespace) -> tuple[str, uuid.UUID]:
+    async with _common.scratch_database(args.dsn, args.db, keep=True) as dsn:
+        return dsn, await bo.seed(dsn)
+
+
+async def drop(args: argparse.Namespace) -> None:
+    async with _common.scratch_database(args.dsn, args.db):
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--dsn", default=_common.DEFAULT_ADMIN_DSN, help="admin DSN")
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests")
+    parser.add_argument("--db", default=DB_NAME, help="scratch database (created, dropped)")
+    parser.add_argument("--only", nargs="*", choices=KINDS, help="these variants only")
+    parser.add_argument("--profile", choices=KINDS, help="cProfile this variant, no valgrind")
+    parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-dsn", help=argparse.SUPPRESS)
+    parser.add_argument("--child-tenant", help=argparse.SUPPRESS)
+    parser.add_argument("--child-profile", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    spool = tempfile.mkdtemp(prefix="llmgw-bench-spool-")
+    os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
+    if args.child:
+        tenant = uuid.UUID(args.child_tenant)
+        asyncio.run(child(args.child, args.child_dsn, tenant, args.requests, args.child_profile))
+        return
+    dsn, tenant = asyncio.run(setup(args))
+    try:
+        if args.profile:
+            stats = Path(tempfile.mkdtemp(prefix="llmgw-prof-")) / "prof"
+            asyncio.run(child(args.profile, dsn, tenant, args.requests, str(stats)))
+            pstats.Stats(str(stats)).sort_stats("tottime").print_stats(40)
+            return
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind is not installed")
+        print("llm-gateway observability overhead: instructions per request (callgrind)")
+        print(_common.environment(bo.VERSIONS))
+        out = Path(tempfile.mkdtemp(prefix="llmgw-callgrind-"))
+        figures = {}
+        for kind in args.only or KINDS:
+            figures[kind] = measure(kind, dsn, tenant, args.requests, out)
+            print(f"  {kind}: {figures[kind]:,.0f} instructions / request", flush=True)
+        base = figures.get("off")
+        rows = []
+        for kind, ir in figures.items():
+            added = share = ""
+            if base is not None and kind.startswith("sdk-"):
+                share = f"{ir / base * 100:.1f} % of off"
+            elif base is not None and kind != "off":
+                added, share = f"{ir - base:+,.0f}", f"{(ir - base) / base * 100:+.1f} %"
+            rows.append((kind, f"{ir:,.0f}", added, share))
+        _common.print_table(
+            f"Instructions per request, canned provider, concurrency 1 ({args.requests}"
+            " requests after a warm-up; usage flush and span flush included)",
+            ("variant", "Ir / request", "vs off", "vs off"),
+            rows,
+            note="sdk-floor: two bare recorded SDK spans per iteration, no router;"
+            " sdk-unsampled: one span the sampler drops (what a sampled-out request makes)."
+            " Neither includes off.",
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        asyncio.run(drop(args))
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
