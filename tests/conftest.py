@@ -9,6 +9,7 @@ it looked and what to set, instead of one connection traceback per test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -65,13 +66,14 @@ def _dsn_for(database: str) -> str:
     return f"{base}/{database}"
 
 
-async def _create(name: str) -> None:
+async def _create(name: str, *, migrated: bool = True) -> None:
     conn = await asyncpg.connect(ADMIN_DSN)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    await apply_migrations(_dsn_for(name))
+    if migrated:
+        await apply_migrations(_dsn_for(name))
 
 
 async def _drop(name: str) -> None:
@@ -82,15 +84,24 @@ async def _drop(name: str) -> None:
         await conn.close()
 
 
-@pytest.fixture(scope="session")
-def pg_dsn() -> Iterator[str]:
-    """DSN of a fresh, migrated database that lives for the test session."""
-    name = f"llmgw_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create(name))
+@contextlib.contextmanager
+def scratch_database(label: str, *, migrated: bool = True) -> Iterator[str]:
+    """The DSN of a new database (migrated, or empty), dropped afterwards. For the session's
+    database, and for tests whose answers depend on every row of a table or that apply the
+    migrations themselves."""
+    name = f"llmgw_{label}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_create(name, migrated=migrated))
     try:
         yield _dsn_for(name)
     finally:
         asyncio.run(_drop(name))
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    """DSN of a fresh, migrated database that lives for the test session."""
+    with scratch_database("test") as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -18,26 +17,14 @@ import pytest
 
 from llm_gateway.cli import main
 from llm_gateway.migrate import apply_migrations, sql_dir
-from tests.conftest import ADMIN_DSN, _drop, _dsn_for
+from tests.conftest import scratch_database
 from tests.test_analytics_rollups import PAIRS, assert_rollups_match_raw, insert
 
 
 @pytest.fixture
 def bare_dsn() -> Iterator[str]:
-    name = f"llmgw_backfill_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    try:
-        yield _dsn_for(name)
-    finally:
-        asyncio.run(_drop(name))
+    with scratch_database("backfill", migrated=False) as dsn:
+        yield dsn
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

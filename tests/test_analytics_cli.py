@@ -6,7 +6,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,7 +14,7 @@ import asyncpg
 import pytest
 
 from llm_gateway.cli import main
-from tests.conftest import _create, _drop, _dsn_for
+from tests.conftest import scratch_database
 
 TENANT = uuid.uuid4()
 
@@ -35,11 +34,8 @@ FROM generate_series(1, 60) AS g
 def db() -> Iterator[str]:
     """A database of its own: recommendations weigh every tenant's success rates, so rows of
     other modules (or these, for them) would change the answers."""
-    name = f"llmgw_usage_cli_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    dsn = _dsn_for(name)
 
-    async def arrange() -> None:
-        await _create(name)
+    async def arrange(dsn: str) -> None:
         conn = await asyncpg.connect(dsn)
         try:
             now = datetime.now(UTC) - timedelta(minutes=1)
@@ -50,11 +46,9 @@ def db() -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(arrange())
-    try:
+    with scratch_database("usage_cli") as dsn:
+        asyncio.run(arrange(dsn))
         yield dsn
-    finally:
-        asyncio.run(_drop(name))
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

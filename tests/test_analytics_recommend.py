@@ -7,8 +7,6 @@ session database would change which candidates qualify.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -18,7 +16,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import _create, _drop, _dsn_for
+from tests.conftest import scratch_database
 from tests.test_analytics import _psql
 from usage import ModelUsageTracker
 from usage.analytics.recommend import CandidateModel
@@ -26,12 +24,8 @@ from usage.analytics.recommend import CandidateModel
 
 @pytest.fixture(scope="module")
 def own_dsn() -> Iterator[str]:
-    name = f"llmgw_recommend_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create(name))
-    try:
-        yield _dsn_for(name)
-    finally:
-        asyncio.run(_drop(name))
+    with scratch_database("recommend") as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from llm_gateway import cli
 from llm_gateway.router import DEFAULT_DSN
 from llm_gateway.simulator import run_simulator
-from tests.conftest import ADMIN_DSN, _drop, _dsn_for
+from tests.conftest import ADMIN_DSN, scratch_database
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "llm-gateway"
@@ -266,20 +265,8 @@ def test_python_m_simulator_is_the_same_cli() -> None:
 @pytest.fixture
 def empty_dsn() -> Iterator[str]:
     """A new, empty database (no migrations applied), dropped afterwards."""
-    name = f"llmgw_test_cli_{uuid.uuid4().hex[:8]}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    try:
-        yield _dsn_for(name)
-    finally:
-        asyncio.run(_drop(name))
+    with scratch_database("cli", migrated=False) as dsn:
+        yield dsn
 
 
 async def _tables(dsn: str) -> set[str]:

@@ -23,7 +23,7 @@ from llm_gateway.config import parse_tenant_config
 from llm_gateway.secrets import DecryptError, KeyRing, KeyRingError, generate_entry, key_id_of
 from llm_gateway.simulator import SimulatedProvider
 from llm_gateway.tenant_keys import reencrypt_tenants, set_tenant_keys
-from tests.conftest import ADMIN_DSN, _create, _drop, _dsn_for, make_tenant
+from tests.conftest import ADMIN_DSN, make_tenant, scratch_database
 
 T = uuid.UUID("8f0c6a52-3f43-4b1e-9a70-2a1f3c5d7e90")
 OTHER = uuid.UUID("11111111-2222-4333-8444-555555555555")
@@ -254,12 +254,8 @@ async def test_set_tenant_keys_refuses_without_a_keyring(pg: asyncpg.Connection)
 @pytest.fixture(scope="module")
 def own_dsn() -> Iterator[str]:
     """A database of its own: these commands rewrite every tenant of the table."""
-    name = f"llmgw_secrets_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_create(name))
-    try:
-        yield _dsn_for(name)
-    finally:
-        asyncio.run(_drop(name))
+    with scratch_database("secrets") as dsn:
+        yield dsn
 
 
 @pytest.fixture
