@@ -23,6 +23,8 @@ Variants, interleaved within each repeat so drift hits them alike:
 * ``unsampled``: tracing with a provider whose sampler drops every span (``ALWAYS_OFF``):
   the SDK's ``start_span`` for a dropped span and the gateway's own hooks and ``traceparent``.
 * ``both``: metrics and tracing.
+* ``both-10%``: metrics and tracing with ``ParentBased(TraceIdRatioBased(0.1))``: a tenth of
+  the requests recorded, as a sampling service runs it.
 * ``sdk-floor`` (canned part only): no router; two bare recorded SDK spans per iteration with
   the attributes the router's carry, same processor and exporter: the SDK's own floor.
 
@@ -61,7 +63,7 @@ import _common  # bench/ is not a package: found through sys.path
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from llm_gateway.keys import ApiKey
@@ -74,7 +76,7 @@ from llm_gateway.simulator import SimulatedProvider
 DB_NAME = "llmgw_bench_observability"
 MODEL = "gpt-4o-mini"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello in one sentence."}]
-VARIANTS = ("off", "metrics", "unsampled", "tracing", "both")
+VARIANTS = ("off", "metrics", "unsampled", "tracing", "both", "both-10%")
 VERSIONS = ("prometheus-client", "opentelemetry-api", "opentelemetry-sdk", "asyncpg")
 
 
@@ -233,11 +235,13 @@ async def make(
     """A started router of variant ``name``: canned provider, or the simulator at ``base_url``."""
     options: dict[str, Any] = {}
     registry = tracer_provider = exporter = None
-    if name in ("metrics", "both"):
+    if name in ("metrics", "both", "both-10%"):
         registry = options["metrics"] = CollectorRegistry()
-    if name in ("tracing", "both", "unsampled"):
+    if name in ("tracing", "both", "unsampled", "both-10%"):
         exporter = DropExporter()
-        sampler = ALWAYS_OFF if name == "unsampled" else None
+        sampler: Any = ALWAYS_OFF if name == "unsampled" else None
+        if name == "both-10%":  # what a sampling service runs: a tenth of the traces recorded
+            sampler = ParentBased(TraceIdRatioBased(0.1))
         tracer_provider = TracerProvider(sampler=sampler)
         tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         options["tracer_provider"] = tracer_provider
