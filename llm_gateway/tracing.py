@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators import composite
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 __all__ = ["RequestTrace", "Tracing"]
 
 _W3C = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+# The composite propagator's class: CompositeHTTPPropagator in opentelemetry-api 1.0.
+_COMPOSITE: Any = vars(composite).get("CompositePropagator") or vars(composite).get(
+    "CompositeHTTPPropagator"
+)
 _TENANTS_KEPT = 4096  # tenant id strings remembered (str(UUID) is slow); then forgotten
 
 
@@ -102,7 +106,7 @@ def _no_baggage() -> bool:
 def _is_w3c(textmap: Any) -> bool:
     if type(textmap) is TraceContextTextMapPropagator:
         return True
-    inner = getattr(textmap, "_propagators", None) if type(textmap) is CompositePropagator else None
+    inner = getattr(textmap, "_propagators", None) if type(textmap) is _COMPOSITE else None
     return (
         isinstance(inner, (list, tuple))
         and TraceContextTextMapPropagator in {type(p) for p in inner}
