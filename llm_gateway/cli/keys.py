@@ -243,7 +243,7 @@ def _instant(text: str) -> Any:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def _with_store(args: argparse.Namespace, work: Any) -> Any:
+def with_key_store(args: argparse.Namespace, work: Any) -> Any:
     """``await work(store)`` with a store on a small pool of the command's database."""
     from ..dsn import create_pool_checked, dsn_source
     from ..server.virtual_keys import VirtualKeyStore
@@ -276,7 +276,7 @@ def create_command(args: argparse.Namespace) -> int:
     }
     models = None if args.models is None else [m.strip() for m in args.models.split(",")]
     try:
-        raw, key = _with_store(
+        raw, key = with_key_store(
             args,
             lambda store: store.create(
                 args.tenant,
@@ -326,7 +326,7 @@ _LIST_COLUMNS = (
 
 
 def list_command(args: argparse.Namespace) -> int:
-    keys = _with_store(args, lambda store: store.list(args.tenant))
+    keys = with_key_store(args, lambda store: store.list(args.tenant))
     rows = [key.as_dict() for key in keys]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
@@ -339,7 +339,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def revoke_command(args: argparse.Namespace) -> int:
-    if not _with_store(args, lambda store: store.revoke(args.key_id)):
+    if not with_key_store(args, lambda store: store.revoke(args.key_id)):
         print(f"llm-gateway: no virtual key with id {args.key_id[:40]!r}", file=sys.stderr)
         return 1
     print(f"virtual key {args.key_id} revoked")

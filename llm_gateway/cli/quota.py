@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
 from .._defaults import DEFAULT_DSN
 from ..governance.keys import KeyQuota
 from ._common import EPILOG
@@ -54,7 +52,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = asyncio.run(_status(args.dsn, args.tenant_id, args.user, args.key))
+    quota = None if args.key is None else _key_quota(args)
+    rows = asyncio.run(_status(args.dsn, args.tenant_id, args.user, quota))
     if args.format == "json":
         print(json.dumps([_jsonable(r) for r in rows], indent=2))
     elif not rows:
@@ -65,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _status(
-    dsn: str | None, tenant_id: str, user_id: str | None, key_id: str | None
+    dsn: str | None, tenant_id: str, user_id: str | None, quota: KeyQuota | None
 ) -> list[dict[str, Any]]:
     from ..router import TenantLLMRouter
 
@@ -73,27 +72,23 @@ async def _status(
     # the module-level router's, but none is contacted.
     router = TenantLLMRouter(dsn, record_usage=False)
     try:
-        quota = None if key_id is None else await _key_quota(router, tenant_id, key_id)
         return await router.quota_status(tenant_id, user_id, quota)
     finally:
         await router.close()
 
 
-async def _key_quota(router: Any, tenant_id: str, key_id: str) -> KeyQuota:
-    """The quota of the tenant's virtual key ``key_id`` (an error naming both if none)."""
+def _key_quota(args: argparse.Namespace) -> KeyQuota:
+    """The quota of the tenant's virtual key ``--key`` (an error naming both if none)."""
     from ..errors import InvalidRequestError
-    from ..server.virtual_keys import VirtualKeyStore
+    from .keys import with_key_store
 
-    await router.start()
-    pool = await asyncpg.create_pool(router.dsn, min_size=1, max_size=1)
-    try:
-        keys = await VirtualKeyStore(pool, notify=False).list(tenant_id)
-    finally:
-        await pool.close()
+    keys = with_key_store(args, lambda store: store.list(args.tenant_id))
     for key in keys:
-        if str(key.id) == key_id.strip().lower():
-            return key.quota
-    raise InvalidRequestError(f"tenant {tenant_id} has no virtual key {key_id}", parameter="key")
+        if str(key.id) == args.key.strip().lower():
+            return key.quota  # type: ignore[no-any-return]
+    raise InvalidRequestError(
+        f"tenant {args.tenant_id} has no virtual key {args.key}", parameter="key"
+    )
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
