@@ -49,6 +49,24 @@ def serve_env(pg_dsn: str, sim: SimulatedProvider, spool: Path) -> dict[str, str
     return env
 
 
+async def serve(
+    pg_dsn: str, sim: SimulatedProvider, tmp_path: Path, port: int, *args: str
+) -> asyncio.subprocess.Process:
+    """``llm-gateway serve --port PORT ARGS`` (warning logs unless ARGS say otherwise)."""
+    return await asyncio.create_subprocess_exec(
+        str(SCRIPT),
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *args,
+        env=serve_env(pg_dsn, sim, tmp_path / "spool"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 async def wait_ready(url: str, proc: asyncio.subprocess.Process) -> None:
     async with httpx.AsyncClient() as http, asyncio.timeout(TIMEOUT):
         while True:
@@ -93,20 +111,8 @@ async def test_workers_refuse_a_revoked_key_and_sigterm_finishes_requests_in_fli
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     async with SimulatedProvider(name="a") as sim:
-        proc = await asyncio.create_subprocess_exec(
-            str(SCRIPT),
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--shutdown-timeout",
-            "30",
-            "--log-level",
-            "warning",
-            env=serve_env(pg_dsn, sim, tmp_path / "spool"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await serve(
+            pg_dsn, sim, tmp_path, port, "--workers", "2", "--shutdown-timeout", "30"
         )
         try:
             await wait_ready(url, proc)
@@ -181,18 +187,8 @@ async def test_a_request_cut_off_by_the_shutdown_bound_gets_a_503_and_its_row(
     url = f"http://127.0.0.1:{port}"
     session = f"cut-{uuid.uuid4().hex[:8]}"
     async with SimulatedProvider(name="a", latency_ms=60_000) as sim:
-        proc = await asyncio.create_subprocess_exec(
-            str(SCRIPT),
-            "serve",
-            "--port",
-            str(port),
-            "--shutdown-timeout",
-            "1",
-            "--log-level",
-            "critical",
-            env=serve_env(pg_dsn, sim, tmp_path / "spool"),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        proc = await serve(
+            pg_dsn, sim, tmp_path, port, "--shutdown-timeout", "1", "--log-level", "critical"
         )
         try:
             await wait_ready(url, proc)
