@@ -14,7 +14,6 @@ pytest.importorskip("opentelemetry.sdk")
 
 from opentelemetry import baggage, context, propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators import composite
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
@@ -22,12 +21,10 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, Trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llm_gateway.chain import ChainEntry
-from llm_gateway.tracing import Tracing
+from llm_gateway.tracing import _COMPOSITE, Tracing
 
-# CompositeHTTPPropagator in opentelemetry-api 1.0 (the lowest version CI installs).
-Composite: Any = vars(composite).get("CompositePropagator") or vars(composite).get(
-    "CompositeHTTPPropagator"
-)
+# The composite propagator's class under either of its names (opentelemetry-api 1.0 on).
+Composite: Any = _COMPOSITE
 ENTRY = ChainEntry(
     provider="groq",
     model="llama-3.3-70b-versatile",
