@@ -25,8 +25,13 @@ Variants, interleaved within each repeat so drift hits them alike:
 * ``both``: metrics and tracing.
 * ``both-10%``: metrics and tracing with ``ParentBased(TraceIdRatioBased(0.1))``: a tenth of
   the requests recorded, as a sampling service runs it.
+* ``sdk-around``: ``off``, with two bare recorded SDK spans (those of ``sdk-floor``) made
+  around each request by this script, not by the router: what the SDK's spans cost among the
+  router's and the HTTP client's work, whose caches they share. ``tracing`` minus
+  ``sdk-around`` is the gateway's own part of tracing.
 * ``sdk-floor`` (canned part only): no router; two bare recorded SDK spans per iteration with
-  the attributes the router's carry, same processor and exporter: the SDK's own floor.
+  the attributes the router's carry, same processor and exporter: the SDK alone in a tight
+  loop (warm caches: a lower bound of what the same spans cost inside a request).
 
 CPU per request = ``time.process_time()`` of the slice (requests + usage flush + span flush)
 / requests, at concurrency 1. Each figure is the median over ``--repeats`` runs; the spread is
@@ -49,7 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +81,7 @@ from llm_gateway.simulator import SimulatedProvider
 DB_NAME = "llmgw_bench_observability"
 MODEL = "gpt-4o-mini"
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello in one sentence."}]
-VARIANTS = ("off", "metrics", "unsampled", "tracing", "both", "both-10%")
+VARIANTS = ("off", "metrics", "unsampled", "tracing", "both", "both-10%", "sdk-around")
 VERSIONS = ("prometheus-client", "opentelemetry-api", "opentelemetry-sdk", "asyncpg")
 
 
@@ -190,6 +195,24 @@ class SdkFloor:
             parent.end()
         self.tracer_provider.force_flush()
 
+    async def around(self, n: int, call: Callable[[], Awaitable[Any]]) -> None:
+        """Await ``call()`` ``n`` times, each inside the two spans of :meth:`spans` (made
+        here, not by the router: ``sdk-around``)."""
+        tracer = self._tracer
+        for i in range(n):
+            parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
+            child = tracer.start_span(
+                "chat m",
+                context=trace.set_span_in_context(parent),
+                kind=trace.SpanKind.CLIENT,
+                attributes=_ATTEMPT_START,
+            )
+            await call()
+            child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
+            child.end()
+            parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
+            parent.end()
+
     def close(self) -> None:
         self.tracer_provider.shutdown()
 
@@ -227,6 +250,7 @@ class Variant:
         self.tracer_provider: TracerProvider | None = None
         self.exporter: DropExporter | None = None
         self.registry: CollectorRegistry | None = None
+        self.floor: SdkFloor | None = None  # sdk-around: the spans this script makes
 
 
 async def make(
@@ -255,6 +279,9 @@ async def make(
     await router.start()
     v = Variant(name, router, canned)
     v.registry, v.tracer_provider, v.exporter = registry, tracer_provider, exporter
+    if name == "sdk-around":
+        v.floor = SdkFloor()
+        v.tracer_provider, v.exporter = v.floor.tracer_provider, v.floor.exporter
     return v
 
 
@@ -269,8 +296,11 @@ async def slice_cpu(v: Variant, tenant: uuid.UUID, n: int) -> float:
 async def requests(v: Variant, tenant: uuid.UUID, n: int) -> None:
     """``n`` sequential requests, then the usage flush and the span flush."""
     complete = v.router.complete_for_tenant
-    for _ in range(n):
-        await complete(tenant, MESSAGES)
+    if v.floor is not None:
+        await v.floor.around(n, lambda: complete(tenant, MESSAGES))
+    else:
+        for _ in range(n):
+            await complete(tenant, MESSAGES)
     tracker = v.router.usage_tracker
     assert tracker is not None
     await tracker.flush(timeout=30)

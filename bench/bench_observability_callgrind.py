@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import os
@@ -51,14 +52,17 @@ DB_NAME = "llmgw_bench_observability_cg"
 KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled")
 
 
-async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | None) -> None:
-    """The measured process: warm up, then ``n`` requests between the two markers."""
+async def child(
+    kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | None, url: str | None = None
+) -> None:
+    """The measured process: warm up, then ``n`` requests between the two markers
+    (``url``: to the simulator there, else to the canned provider)."""
     run: Callable[[int], Awaitable[None]]
-    if kind.startswith("sdk-"):
+    if kind in ("sdk-floor", "sdk-unsampled"):
         floor = bo.SdkFloor(sampled=kind == "sdk-floor")
         run = floor.spans
     else:
-        v = await bo.make(kind, dsn, await bo.recorded_answer())
+        v = await bo.make(kind, dsn, await bo.recorded_answer(), url)
         # One usage write per slice (its final flush), not one per 0.2 s of wall time: under
         # valgrind, and more so under load, the timer would add writes, hence instructions.
         assert v.router.usage_tracker is not None
@@ -79,7 +83,7 @@ async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | N
     if prof is not None:
         prof.disable()
     os.getppid()  # callgrind: --dump-before
-    if kind.startswith("sdk-"):
+    if kind in ("sdk-floor", "sdk-unsampled"):
         floor.close()
     else:
         await v.router.close()
@@ -89,12 +93,22 @@ async def child(kind: str, dsn: str, tenant: uuid.UUID, n: int, profile: str | N
         prof.dump_stats(profile)
 
 
-def measure(kind: str, dsn: str, tenant: uuid.UUID, n: int, out: Path) -> float:
-    """Instructions per request of ``kind``, from one child under callgrind."""
-    base = out / kind
+def measure(
+    kind: str,
+    dsn: str,
+    tenant: uuid.UUID,
+    n: int,
+    out: Path,
+    url: str | None = None,
+    cache_sim: bool = False,
+) -> dict[str, float]:
+    """Events per request of ``kind`` (``Ir``: instructions; with ``cache_sim`` also the
+    simulated cache misses, ``I1mr``, ``D1mr``, ...), from one child under callgrind."""
+    base = out / kind.replace("%", "pct")  # callgrind reads % in a file name
     cmd = [
         "valgrind",
         "--tool=callgrind",
+        *(["--cache-sim=yes"] if cache_sim else []),
         f"--callgrind-out-file={base}.%p",
         "--zero-before=os_getpgrp",
         "--dump-before=os_getppid",
@@ -108,18 +122,21 @@ def measure(kind: str, dsn: str, tenant: uuid.UUID, n: int, out: Path) -> float:
         str(tenant),
         "--requests",
         str(n),
+        *(["--child-url", url] if url else []),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind}: child failed\n{done.stderr[-3000:]}")
-    dumps = sorted(out.glob(f"{kind}.*.1"))  # part 1: zero .. dump
+    dumps = sorted(out.glob(f"{base.name}.*.1"))  # part 1: zero .. dump
     if len(dumps) != 1:
         raise RuntimeError(f"{kind}: expected one dump, found {dumps}")
     text = dumps[0].read_text()
-    found = re.search(r"^summary: (\d+)", text, re.MULTILINE)
-    if found is None:
-        raise RuntimeError(f"{kind}: no summary line in {dumps[0]}")
-    return int(found.group(1)) / n
+    events = re.search(r"^events: (.+)$", text, re.MULTILINE)
+    found = re.search(r"^summary: (.+)$", text, re.MULTILINE)
+    if events is None or found is None:
+        raise RuntimeError(f"{kind}: no events or summary line in {dumps[0]}")
+    counts = (int(x) / n for x in found.group(1).split())
+    return dict(zip(events.group(1).split(), counts, strict=True))
 
 
 async def setup(args: argparse.Namespace) -> tuple[str, uuid.UUID]:
@@ -132,6 +149,57 @@ async def drop(args: argparse.Namespace) -> None:
         pass
 
 
+def report(figures: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
+    """The table: instructions (and simulated cache misses) per request, against ``off``."""
+    base = figures.get("off")
+    names = [e for e in next(iter(figures.values()), {}) if e != "Ir"]
+    rows = []
+    for kind, events in figures.items():
+        ir = events["Ir"]
+        added = share = ""
+        if base is not None and kind in ("sdk-floor", "sdk-unsampled"):
+            share = f"{ir / base['Ir'] * 100:.1f} % of off"
+        elif base is not None and kind != "off":
+            added, share = (
+                f"{ir - base['Ir']:+,.0f}",
+                f"{(ir - base['Ir']) / base['Ir'] * 100:+.1f} %",
+            )
+        rows.append((kind, f"{ir:,.0f}", added, share, *(f"{events[e]:,.0f}" for e in names)))
+    where = "over HTTP to the simulator (this process's part)" if args.http else "canned provider"
+    _common.print_table(
+        f"Instructions per request, {where}, concurrency 1 ({args.requests}"
+        " requests after a warm-up; usage flush and span flush included)",
+        ("variant", "Ir / request", "vs off", "vs off", *names),
+        rows,
+        note="sdk-floor: two bare recorded SDK spans per iteration, no router;"
+        " sdk-unsampled: one span the sampler drops (what a sampled-out request makes)."
+        " Neither includes off. sdk-around: off with the sdk-floor spans made around each"
+        " request by the bench. With --cache-sim: callgrind's simulated misses per request"
+        " (I1mr/D1mr/D1mw: first-level instruction/data read/write misses; ILmr/DLmr/DLmw:"
+        " last level).",
+    )
+    ratio = traced_share(figures)
+    if ratio is not None:
+        print(
+            f"Both on stays within 5 % of off while at most {ratio:.0%} of requests are"
+            " recorded (from the metrics, unsampled and tracing rows; the rest sampled out)."
+        )
+
+
+def traced_share(figures: dict[str, dict[str, float]], budget: float = 0.05) -> float | None:
+    """The largest share ``p`` of recorded requests with which metrics and tracing together
+    add at most ``budget`` of ``off``: metrics + unsampled + p * (tracing - unsampled), each
+    row's instructions above ``off`` (``None``: a row is missing)."""
+    try:
+        off, metrics, unsampled, traced = (
+            figures[k]["Ir"] for k in ("off", "metrics", "unsampled", "tracing")
+        )
+    except KeyError:
+        return None
+    room = budget * off - (metrics - off) - (unsampled - off)
+    return max(0.0, min(1.0, room / (traced - unsampled)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--dsn", default=_common.DEFAULT_ADMIN_DSN, help="admin DSN")
@@ -139,7 +207,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--db", default=DB_NAME, help="scratch database (created, dropped)")
     parser.add_argument("--only", nargs="*", choices=KINDS, help="these variants only")
     parser.add_argument("--profile", choices=KINDS, help="cProfile this variant, no valgrind")
+    parser.add_argument("--http", action="store_true", help="to a simulator process over HTTP")
+    parser.add_argument("--cache-sim", action="store_true", help="also simulate the caches")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--child-url", help=argparse.SUPPRESS)
     parser.add_argument("--child-dsn", help=argparse.SUPPRESS)
     parser.add_argument("--child-tenant", help=argparse.SUPPRESS)
     parser.add_argument("--child-profile", help=argparse.SUPPRESS)
@@ -148,7 +219,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ["LLM_GATEWAY_SPOOL_DIR"] = spool
     if args.child:
         tenant = uuid.UUID(args.child_tenant)
-        asyncio.run(child(args.child, args.child_dsn, tenant, args.requests, args.child_profile))
+        asyncio.run(
+            child(
+                args.child,
+                args.child_dsn,
+                tenant,
+                args.requests,
+                args.child_profile,
+                args.child_url,
+            )
+        )
         return
     dsn, tenant = asyncio.run(setup(args))
     try:
@@ -162,28 +242,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("llm-gateway observability overhead: instructions per request (callgrind)")
         print(_common.environment(bo.VERSIONS))
         out = Path(tempfile.mkdtemp(prefix="llmgw-callgrind-"))
-        figures = {}
-        for kind in args.only or KINDS:
-            figures[kind] = measure(kind, dsn, tenant, args.requests, out)
-            print(f"  {kind}: {figures[kind]:,.0f} instructions / request", flush=True)
-        base = figures.get("off")
-        rows = []
-        for kind, ir in figures.items():
-            added = share = ""
-            if base is not None and kind.startswith("sdk-"):
-                share = f"{ir / base * 100:.1f} % of off"
-            elif base is not None and kind != "off":
-                added, share = f"{ir - base:+,.0f}", f"{(ir - base) / base * 100:+.1f} %"
-            rows.append((kind, f"{ir:,.0f}", added, share))
-        _common.print_table(
-            f"Instructions per request, canned provider, concurrency 1 ({args.requests}"
-            " requests after a warm-up; usage flush and span flush included)",
-            ("variant", "Ir / request", "vs off", "vs off"),
-            rows,
-            note="sdk-floor: two bare recorded SDK spans per iteration, no router;"
-            " sdk-unsampled: one span the sampler drops (what a sampled-out request makes)."
-            " Neither includes off.",
-        )
+        with contextlib.ExitStack() as stack:
+            url = None
+            if args.http:  # the client's instructions only: the simulator is another process
+                url = stack.enter_context(_common.simulator("llm7", cpu=1)).base_url
+            figures = {}
+            for kind in args.only or KINDS:
+                figures[kind] = measure(kind, dsn, tenant, args.requests, out, url, args.cache_sim)
+                print(f"  {kind}: {figures[kind]['Ir']:,.0f} instructions / request", flush=True)
+        report(figures, args)
         shutil.rmtree(out, ignore_errors=True)
     finally:
         asyncio.run(drop(args))
