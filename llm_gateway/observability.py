@@ -3,7 +3,7 @@
 A router with neither metrics nor tracing has no :class:`Observer` (``None``): each hook site
 is one ``is None`` test and nothing else. With either on, the router makes one
 :class:`RequestObservation` per request; the attempt loop tells it when each attempt starts
-(it returns the ``traceparent`` headers to send) and :class:`~.attempts.RequestLedger` when
+(it returns the ``traceparent`` headers to send) and :class:`~.ledger.RequestLedger` when
 each attempt ends (the same call that queues its usage row). Prometheus
 (:mod:`.metrics`) and OpenTelemetry (:mod:`.tracing`) are imported only when asked for.
 
