@@ -83,6 +83,11 @@ def test_request_outcome_of_each_error_class(name: str, label: str) -> None:
     assert request_outcome(cls.__new__(cls)) == label
 
 
+@pytest.mark.parametrize(("name", "label"), sorted(LABELS.items()))
+def test_each_error_class_names_its_outcome(name: str, label: str) -> None:
+    assert CLASSES[name].outcome == label
+
+
 def test_request_outcome_of_other_endings() -> None:
     assert request_outcome(None) == "success"
     assert request_outcome(asyncio.CancelledError()) == "cancelled"
