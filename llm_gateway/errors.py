@@ -6,7 +6,7 @@ Errors never carry API keys: where a key must be identified, its fingerprint is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .types import Attempt
@@ -42,7 +42,12 @@ __all__ = [
 
 
 class GatewayError(Exception):
-    """Root of every error raised by llm-gateway."""
+    """Root of every error raised by llm-gateway.
+
+    ``outcome`` is the ``outcome`` label (metrics, traces) of a request that ended with it.
+    """
+
+    outcome: ClassVar[str] = "error"
 
 
 # --- configuration -------------------------------------------------------------------------
@@ -50,6 +55,8 @@ class GatewayError(Exception):
 
 class ConfigError(GatewayError):
     """A tenant's or the router's configuration cannot be used."""
+
+    outcome = "config_error"
 
 
 class UnknownProviderError(ConfigError, ValueError):
@@ -88,6 +95,8 @@ class InvalidTenantConfigError(ConfigError, ValueError):
 class DatabaseError(GatewayError):
     """PostgreSQL could not be reached or answered with an error."""
 
+    outcome = "config_error"  # ConfigError's label: no usable config could be loaded
+
 
 class ConfigUnavailableError(DatabaseError):
     """A tenant's configuration could not be loaded because the database failed."""
@@ -99,6 +108,8 @@ class InvalidRequestError(GatewayError, ValueError):
     Raised before any provider is called; it writes no usage row and touches no breaker.
     ``parameter`` names the offending argument when one is known.
     """
+
+    outcome = "invalid_request"
 
     def __init__(self, message: str, *, parameter: str | None = None) -> None:
         self.parameter = parameter
@@ -123,12 +134,16 @@ class UnknownModelError(InvalidRequestError):
 class RouterClosedError(GatewayError):
     """The router is closing or closed: it accepts no new request."""
 
+    outcome = "router_closed"
+
 
 class NoProviderAvailableError(GatewayError):
     """The tenant's chain is empty: no provider has a usable key, model and healthy state.
 
     ``reasons`` maps each provider that was considered to why it was left out.
     """
+
+    outcome = "no_provider"
 
     def __init__(self, tenant_id: object, reasons: dict[str, str]) -> None:
         self.tenant_id = str(tenant_id)
@@ -149,6 +164,7 @@ class ProviderError(GatewayError):
 
     retryable: bool = True
     status: str = "error"
+    outcome = "provider_error"  # reaches the caller when final: another would fail alike
 
     def __init__(
         self,
@@ -265,6 +281,8 @@ class ContextWindowExceededError(BadRequestError):
 class AllProvidersFailedError(GatewayError):
     """Every attempt of a request failed. ``attempts`` lists them in order."""
 
+    outcome = "all_failed"
+
     def __init__(self, tenant_id: object, attempts: Sequence[Attempt]) -> None:
         self.tenant_id = str(tenant_id)
         self.attempts = tuple(attempts)
@@ -289,6 +307,8 @@ class AllProvidersFailedError(GatewayError):
 
 class DeadlineExceededError(AllProvidersFailedError):
     """The request's total deadline ran out before any provider answered."""
+
+    outcome = "deadline_exceeded"
 
     def __init__(self, tenant_id: object, attempts: Sequence[Attempt], timeout: float) -> None:
         self.timeout = timeout

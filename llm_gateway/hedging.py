@@ -20,7 +20,8 @@ from .errors import InvalidRequestError, ProviderError, ProviderTimeoutError
 from .health import HealthRegistry, KeyHealth
 
 if TYPE_CHECKING:  # attempts imports this module at run time
-    from .attempts import AttemptKind, RequestLedger
+    from .attempts import AttemptKind
+    from .ledger import RequestLedger
 
 __all__ = ["AttemptTimer", "Outcome", "attempt", "race"]
 

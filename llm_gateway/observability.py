@@ -3,7 +3,7 @@
 A router with neither metrics nor tracing has no :class:`Observer` (``None``): each hook site
 is one ``is None`` test and nothing else. With either on, the router makes one
 :class:`RequestObservation` per request; the attempt loop tells it when each attempt starts
-(it returns the ``traceparent`` headers to send) and :class:`~.attempts.RequestLedger` when
+(it returns the ``traceparent`` headers to send) and :class:`~.ledger.RequestLedger` when
 each attempt ends (the same call that queues its usage row). Prometheus
 (:mod:`.metrics`) and OpenTelemetry (:mod:`.tracing`) are imported only when asked for.
 
@@ -24,16 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    AllProvidersFailedError,
-    ConfigError,
-    DatabaseError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    NoProviderAvailableError,
-    ProviderError,
-    RouterClosedError,
-)
+from .errors import GatewayError
 
 if TYPE_CHECKING:
     from usage import ModelUsageTracker
@@ -57,26 +48,9 @@ def request_outcome(error: BaseException | None) -> str:
     """The ``outcome`` label of a request that ended with ``error`` (``None``: success)."""
     if error is None:
         return "success"
-    # Imported here: governance imports the router's modules, not the other way round.
-    from .governance.errors import QuotaExceededError
-
-    if isinstance(error, QuotaExceededError):
-        return "quota_exceeded"
-    if isinstance(error, DeadlineExceededError):
-        return "deadline_exceeded"
-    if isinstance(error, AllProvidersFailedError):
-        return "all_failed"
-    if isinstance(error, NoProviderAvailableError):
-        return "no_provider"
-    if isinstance(error, ProviderError):
-        return "provider_error"  # final: the request itself was refused (a 400)
-    if isinstance(error, InvalidRequestError):
-        return "invalid_request"
-    if isinstance(error, RouterClosedError):
-        return "router_closed"
-    if isinstance(error, (ConfigError, DatabaseError)):
-        return "config_error"
-    if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+    if isinstance(error, GatewayError):
+        return error.outcome  # each error class names its label
+    if type(error).__name__ == "CancelledError":
         return "cancelled"
     return "error"
 

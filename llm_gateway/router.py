@@ -21,7 +21,7 @@ from usage.analytics.labels import InvalidLabelError, labels_from
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
-from .attempts import AttemptKind, CompletionCall, RequestLedger, run_attempts
+from .attempts import AttemptKind, CompletionCall, run_attempts
 from .catalog import list_route_models
 from .chain import (
     ChainEntry,
@@ -53,6 +53,7 @@ from .governance.keys import KeyQuota
 from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
+from .ledger import RequestLedger
 from .observability import Observer, RequestObservation, build_observer
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .secrets import KeyRing

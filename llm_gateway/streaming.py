@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from .attempts import RequestLedger
 from .chain import ChainEntry
 from .errors import MalformedResponseError, MidStreamError, ProviderError, ProviderTimeoutError
 from .health import HealthRegistry, KeyHealth
+from .ledger import RequestLedger
 from .providers import Provider
 from .providers.base import ProviderStream
 from .providers.response import empty_answer

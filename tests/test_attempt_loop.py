@@ -114,9 +114,10 @@ async def test_half_open_key_gets_exactly_one_probe_under_concurrency(  # type: 
 async def test_unexpected_exception_records_row_and_frees_probe(  # type: ignore[no-untyped-def]
     pg_dsn: str, pg: asyncpg.Connection, two_sims
 ) -> None:
-    from llm_gateway.attempts import RequestLedger, run_attempts
+    from llm_gateway.attempts import run_attempts
     from llm_gateway.chain import ChainEntry
     from llm_gateway.keys import ApiKey, Fingerprinter
+    from llm_gateway.ledger import RequestLedger
     from llm_gateway.providers import create_provider
     from llm_gateway.types import TaskType
     from usage import ModelUsageTracker

@@ -26,9 +26,9 @@ import os
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 
@@ -36,21 +36,11 @@ from .analytics.labels import labels_from
 from .ids import new_usage_id
 from .pipeline import UsagePipeline
 from .pricing import PriceBook, default_price_book
+from .queries import UsageQueries
 from .record import UsageRecord
 from .spool import Spool, default_spool_dir
-from .stats import (
-    RateLimitStatus,
-    TenantUsageStats,
-    UsageBacklog,
-    check_rate_limit_status,
-    get_tenant_usage_stats,
-)
+from .stats import UsageBacklog
 from .writer import describe_error, set_codecs
-
-if TYPE_CHECKING:
-    from .analytics.anomalies import Anomaly
-    from .analytics.monthly import MonthlyUsage
-    from .analytics.recommend import CandidateModel, ModelInUse, Recommendation
 
 __all__ = ["DEFAULT_DSN", "ModelUsageTracker", "resolve_dsn"]
 
@@ -71,7 +61,7 @@ def _spool_at_exit() -> None:
         tracker._spool_memory_sync("interpreter exit")
 
 
-class ModelUsageTracker(UsagePipeline):
+class ModelUsageTracker(UsageQueries, UsagePipeline):
     """Batched, lossless usage recording into ``model_usage_stats``.
 
     Args:
@@ -432,77 +422,12 @@ class ModelUsageTracker(UsagePipeline):
         _RUNNING.discard(self)
         self._notify_flush()
 
-    # --- read side -----------------------------------------------------------------------
+    # --- read side (the stats and analytics queries: usage.queries) --------------------
 
     @property
     def stats(self) -> UsageBacklog:
         """Same as :meth:`backlog`."""
         return self.backlog()
-
-    async def get_tenant_usage_stats(
-        self, tenant_id: uuid.UUID | str, hours: float = 24
-    ) -> TenantUsageStats:
-        """Per provider and model over the last ``hours`` (see :mod:`usage.stats`)."""
-        return await get_tenant_usage_stats(self._require_pool(), tenant_id, hours)
-
-    async def check_rate_limit_status(
-        self, tenant_id: uuid.UUID | str, provider: str
-    ) -> RateLimitStatus:
-        """Last-minute and last-day use against the tenant's limits (see :mod:`usage.stats`)."""
-        return await check_rate_limit_status(self._require_pool(), tenant_id, provider)
-
-    async def get_monthly_usage(
-        self,
-        tenant_id: uuid.UUID | str,
-        month: str | date | None = None,
-        user_id: str | None = None,
-    ) -> MonthlyUsage:
-        """A tenant's (or one user's) usage in a UTC month (see :mod:`usage.analytics.monthly`)."""
-        from .analytics.monthly import get_monthly_usage
-
-        return await get_monthly_usage(self._require_pool(), tenant_id, month, user_id)
-
-    async def detect_anomalies(
-        self,
-        *,
-        since: datetime | timedelta = timedelta(hours=24),
-        tenant_id: uuid.UUID | str | None = None,
-        min_score: float = 4.0,
-        now: datetime | None = None,
-    ) -> list[Anomaly]:
-        """Hourly anomalies per tenant in the complete hours since ``since`` (an instant or a
-        span back from ``now``, default the database's clock); see
-        :mod:`usage.analytics.anomalies`."""
-        from .analytics.anomalies import detect_anomalies
-
-        return await detect_anomalies(
-            self._require_pool(), since=since, tenant_id=tenant_id, min_score=min_score, now=now
-        )
-
-    async def recommend_models(
-        self,
-        tenant_id: uuid.UUID | str,
-        candidates: Sequence[CandidateModel] | None = None,
-        *,
-        days: int = 30,
-    ) -> tuple[list[ModelInUse], list[Recommendation]]:
-        """Models in use and cheaper ones to switch to (see :mod:`usage.analytics.recommend`).
-
-        ``candidates`` default to the models the tenant's keys reach with the provider
-        settings from the environment (:func:`usage.analytics.candidates.tenant_candidates`).
-        """
-        from .analytics.candidates import tenant_candidates
-        from .analytics.recommend import recommend_models
-
-        pool = self._require_pool()
-        if candidates is None:
-            candidates = await tenant_candidates(pool, tenant_id)
-        return await recommend_models(pool, self._prices, tenant_id, candidates, days=days)
-
-    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
-        if self._link.pool is None:
-            raise RuntimeError("the tracker is not started")
-        return self._link.pool
 
 
 def resolve_dsn(dsn: str | None = None) -> str:

@@ -18,6 +18,8 @@ class QuotaExceededError(GatewayError):
     period resets), ``resets_at`` the same as a UTC datetime.
     """
 
+    outcome = "quota_exceeded"
+
     def __init__(
         self,
         *,

@@ -15,9 +15,9 @@ from .keys import KeyQuota
 from .limits import LimitSpec, key_specs, tenant_specs, user_specs
 
 if TYPE_CHECKING:
-    from ..attempts import RequestLedger
     from ..chain import ChainEntry
     from ..config import TenantConfig
+    from ..ledger import RequestLedger
 
 __all__ = ["DEFAULT_MAX_TOKENS", "QuotaGate", "estimate_input_tokens"]
 

@@ -86,7 +86,11 @@ def _provider_bad_request(exc: BadRequestError) -> ApiError:
 
 
 def api_error(exc: BaseException) -> ApiError:
-    """The answer for an exception raised while serving a request (unknown ones: 500)."""
+    """The answer for an exception raised while serving a request (unknown ones: 500).
+
+    Its codes are the HTTP API's (the README's table); a request's metrics label is the
+    error's own ``outcome``, not decided here, even where the two are spelled alike.
+    """
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, QuotaExceededError):
