@@ -14,7 +14,6 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import asyncpg
-from pydantic import ValidationError
 
 from usage import ModelUsageTracker
 from usage.analytics.labels import InvalidLabelError, labels_from
@@ -38,19 +37,16 @@ from .config import GroupEntry, HedgeConfig, TenantConfig, parse_model_groups
 from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
 from .errors import (
-    ConfigError,
     ContextWindowExceededError,
     GatewayError,
     InvalidRequestError,
     NoProviderAvailableError,
     RouterClosedError,
 )
-from .governance.admission import Admission, Governor, OnDbError
-from .governance.alerts import AlertSink, BudgetEventCallback
-from .governance.config import parse_default_limits
+from .governance.admission import Admission, OnDbError
+from .governance.alerts import BudgetEventCallback
 from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
 from .governance.keys import KeyQuota
-from .governance.leases import LeaseClient
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .observability import Observer, RequestObservation, build_observer
@@ -209,19 +205,8 @@ class TenantLLMRouter:
             if listen
             else None
         )
-        try:
-            defaults = parse_default_limits(default_limits)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            path = ".".join(str(p) for p in ("default_limits", *first["loc"]))
-            raise ConfigError(f"invalid {path}: {first['msg']}") from None
-        self._gate = QuotaGate(
-            Governor(
-                LeaseClient(self._get_pool),
-                on_db_error=quota_on_db_error,
-                alerts=AlertSink(self._get_pool, on_budget_event),
-            ),
-            defaults,
+        self._gate = QuotaGate.build(
+            self._get_pool, default_limits, quota_on_db_error, on_budget_event
         )
         # None unless metrics or tracing is on: then each hook is one `is None` test.
         self._observer: Observer | None = build_observer(
