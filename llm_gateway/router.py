@@ -8,48 +8,31 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
 from usage import ModelUsageTracker
-from usage.analytics.labels import InvalidLabelError, labels_from
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
-from .attempts import AttemptKind, CompletionCall, RequestLedger, run_attempts
+from .attempts import CompletionCall
 from .catalog import list_route_models
-from .chain import (
-    ChainEntry,
-    TenantRoute,
-    above_window,
-    build_route,
-    explain_route,
-    larger_windows,
-    order_chain,
-    rate_limit_wait,
-    route_for,
-)
+from .chain import TenantRoute, build_route, explain_route, route_for
 from .config import GroupEntry, HedgeConfig, TenantConfig, parse_model_groups
 from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
-from .errors import (
-    ContextWindowExceededError,
-    GatewayError,
-    InvalidRequestError,
-    NoProviderAvailableError,
-    RouterClosedError,
-)
-from .governance.admission import Admission, OnDbError
+from .errors import GatewayError, RouterClosedError
+from .governance.admission import OnDbError
 from .governance.alerts import BudgetEventCallback
-from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
+from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate
 from .governance.keys import KeyQuota
 from .health import HealthRegistry
 from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
 from .observability import Observer, RequestObservation, build_observer
+from .planning import RESERVED, PlannedRequest, RequestPlanner, request_labels, reserved_parameter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .secrets import KeyRing
 from .streaming import CompletionStream
@@ -60,17 +43,6 @@ from .types import CompletionResult, TaskType
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
 
 log = logging.getLogger("llm_gateway")
-V = TypeVar("V")
-R = TypeVar("R")
-
-# Parameters the router sets itself (stream) or that would change the call
-# rather than the request (the SDKs' extra_*): refused up front, never sent.
-_RESERVED: dict[str, str] = {
-    "stream": "use stream_for_tenant() to stream",
-    "extra_headers": "the router sets the request's headers",
-    "extra_query": "the router builds the request's URL",
-    "extra_body": "pass body fields as keyword arguments",
-}
 
 
 class TenantLLMRouter:
@@ -208,6 +180,13 @@ class TenantLLMRouter:
         self._gate = QuotaGate.build(
             self._get_pool, default_limits, quota_on_db_error, on_budget_event
         )
+        self._planner = RequestPlanner(
+            self._store,
+            self._health,
+            self._gate,
+            self._prices,
+            usage_tracker if record_usage else None,
+        )
         # None unless metrics or tracing is on: then each hook is one `is None` test.
         self._observer: Observer | None = build_observer(
             metrics=metrics,
@@ -273,6 +252,7 @@ class TenantLLMRouter:
                         self.dsn, price_book=self._prices, spool_dir=self._spool_dir
                     )
                 await self._tracker.start()
+                self._planner.tracker = self._tracker
                 governor = self._gate.governor
                 self._tracker.add_settle_listener(
                     lambda rows: governor.rows_settled(r.id for r in rows)
@@ -380,95 +360,12 @@ class TenantLLMRouter:
 
     # --- requests --------------------------------------------------------------------------
 
-    async def _plan(
-        self,
-        tenant_id: uuid.UUID | str,
-        estimated_tokens: int,
-        deadline: float,
-        model: str | None = None,
-    ) -> tuple[uuid.UUID, TenantRoute, list[ChainEntry]]:
-        """The tenant's id, route and the entries to try, in order (config from cache).
-
-        ``model`` selects a model group's or a concrete model's route (built with the config).
-        """
-        if not self._started:
-            await self.start()
-        tid = as_tenant_id(tenant_id)
-        route = route_for(await self._store.get(tid), model)
-        return tid, route, await self._order(tid, route, estimated_tokens, deadline)
-
-    async def _order(
-        self,
-        tid: uuid.UUID,
-        route: TenantRoute,
-        estimated_tokens: int,
-        deadline: float,
-        floor: int | None = None,
-    ) -> list[ChainEntry]:
-        """The chain to try now. When every usable key is only waiting out a 429's
-        Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing.
-        ``floor``: only entries whose window is larger (after a context-length refusal)."""
-        while True:
-            # Health times come from the registry's clock (injectable), deadlines from ours.
-            now = self._health.clock()
-            chain = order_chain(route, self._health, estimated_tokens, now)
-            if floor is not None:
-                chain = above_window(chain, floor)
-            if chain:
-                return chain
-            wait = rate_limit_wait(route, self._health, now)
-            if wait is None or time.monotonic() + wait > deadline:
-                # Only now are the reasons worth collecting.
-                skipped: dict[str, str] = {}
-                order_chain(route, self._health, estimated_tokens, now, skipped)
-                raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
-            await asyncio.sleep(wait)
-
-    async def _attempt(
-        self,
-        kind: AttemptKind[V, R],
-        chain: list[ChainEntry],
-        tid: uuid.UUID,
-        route: TenantRoute,
-        ledger: RequestLedger,
-        estimated_tokens: int,
-        deadline: float,
-        budget: float,
-        timer: Any = None,
-        admission: Admission | None = None,
-    ) -> R:
-        """:func:`run_attempts` over ``chain``; within a model group, a context-length 400
-        moves on to the next entries with a larger window (the same request and ledger).
-        ``timer`` gives each attempt its cap (adaptive timeouts; completions only)."""
-        floor: int | None = None
-        while True:
-            try:
-                return await run_attempts(
-                    kind,
-                    chain,
-                    ledger=ledger,
-                    health=self._health,
-                    deadline=deadline,
-                    budget=budget,
-                    replan=self._replan(tid, route, estimated_tokens, deadline, floor, admission),
-                    timer=timer,
-                )
-            except ContextWindowExceededError as exc:
-                if route.group is None:
-                    raise  # outside a group, final like any 400
-                chain, floor = larger_windows(chain, exc)
-                if not chain:
-                    raise
-
     def _admit(self, params: Mapping[str, Any]) -> None:
         """Refuse a request up front: the router is closing, or a parameter is reserved."""
         if self._closed:
             raise RouterClosedError("router is closing; it accepts no new request")
-        if params and not _RESERVED.keys().isdisjoint(params):
-            name = next(p for p in params if p in _RESERVED)
-            raise InvalidRequestError(
-                f"parameter {name!r} is reserved: {_RESERVED[name]}", parameter=name
-            )
+        if params and not RESERVED.keys().isdisjoint(params):
+            raise reserved_parameter(params)
         self._inflight += 1
 
     def _leave(self) -> None:
@@ -476,90 +373,47 @@ class TenantLLMRouter:
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 
-    async def _begin(
+    async def _prepare(
         self,
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         estimated_tokens: int | None,
-        deadline: float,
-        model: str | None,
-        params: Mapping[str, Any],
-        row: tuple[
-            str, str | None, TaskType, Mapping[str, Any] | None, tuple[str | None, list[str] | None]
-        ],
-        key_quota: KeyQuota | None = None,
-        obs: RequestObservation | None = None,
-    ) -> tuple[int, uuid.UUID, TenantRoute, list[ChainEntry], RequestLedger, Admission | None]:
-        """Plan a request and admit it: its input-token estimate, tenant id, route, chain (what
-        admission allowed), ledger and admission (``None`` without quotas). ``row``: the
-        ledger's endpoint, user, task type, metadata and labels; ``key_quota``: the limits of
-        the virtual key the request came with (its rows carry the key's id)."""
-        tokens_in = (
-            estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
-        )
-        tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
-        endpoint, user_id, task_type, metadata, labels = row
-        ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
-        if obs is not None:
-            ledger.obs = obs
-            obs.begun(ledger.request_id, tid)
-        plan = route.quota
-        if key_quota is not None:
-            ledger.virtual_key_id = key_quota.key_id
-            plan = plan or self._gate.bare(tid)
-        if plan is None:
-            return tokens_in, tid, route, chain, ledger, None
-        admission = await self._gate.admit(
-            plan, tid, user_id, chain, tokens_in, params, ledger, key_quota
-        )
-        return tokens_in, tid, route, admission.entries, ledger, admission
-
-    def _replan(
-        self,
-        tid: uuid.UUID,
-        route: TenantRoute,
-        estimated_tokens: int,
-        deadline: float,
-        floor: int | None,
-        admission: Admission | None,
-    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
-        """The chain planned again (after a 429), within what admission allowed."""
-        replan = partial(self._order, tid, route, estimated_tokens, deadline, floor)
-        return replan if admission is None else self._within(admission, replan)
-
-    @staticmethod
-    def _within(
-        admission: Admission, replan: Callable[[], Awaitable[list[ChainEntry]]]
-    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
-        """``replan`` limited to the entries admission allowed (quotas removed the others)."""
-        allowed = set(admission.entries)
-
-        async def replan_within() -> list[ChainEntry]:
-            return [e for e in await replan() if e in allowed]
-
-        return replan_within
-
-    def _ledger(
-        self,
-        tenant_id: uuid.UUID,
         endpoint: str,
         user_id: str | None,
         task_type: TaskType,
         metadata: Mapping[str, Any] | None,
-        labels: tuple[str | None, list[str] | None] = (None, None),
-    ) -> RequestLedger:
-        tracker = self._tracker if self._record_usage else None
-        return RequestLedger(
-            tenant_id,
-            tracker,
-            self._prices,
-            endpoint,
-            user_id,
-            task_type,
-            metadata,
-            session_id=labels[0],
-            tags=labels[1],
+        timeout: float | None,
+        model: str | None,
+        session_id: str | None,
+        tags: Sequence[str] | None,
+        key_quota: KeyQuota | None,
+        params: Mapping[str, Any],
+        stream: bool,
+    ) -> PlannedRequest:
+        """The set-up of both request methods: checked, counted in flight, observed, planned
+        and admitted. If it raises, the request is no longer in flight and its end observed."""
+        labels = request_labels(session_id, tags, metadata)
+        self._admit(params)
+        observer = self._observer  # None: metrics and tracing off, nothing made
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, stream)
         )
+        try:
+            started = time.monotonic()
+            budget = self.timeout if timeout is None else timeout
+            if not self._started:
+                await self.start()
+            return await self._planner.begin(
+                tenant_id, messages, estimated_tokens, started, budget, model, params,
+                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
+            )  # fmt: skip
+        except BaseException as exc:
+            if obs is not None:
+                obs.ended(None, exc)
+            self._leave()
+            raise
 
     async def complete_for_tenant(
         self,
@@ -605,45 +459,23 @@ class TenantLLMRouter:
             InvalidRequestError: also for an invalid ``session_id`` or ``tags``.
             DeadlineExceededError: ``timeout`` ran out first.
         """
-        labels = _labels(session_id, tags, metadata)
-        self._admit(params)
-        admission: Admission | None = None
-        observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = (
-            None
-            if observer is None
-            else RequestObservation(observer, tenant_id, model, messages, False)
-        )
+        req = await self._prepare(
+            tenant_id, messages, estimated_tokens, endpoint, user_id, task_type, metadata,
+            timeout, model, session_id, tags, key_quota, params, False,
+        )  # fmt: skip
+        admission, obs = req.admission, req.ledger.obs  # obs: None when metrics, tracing off
         try:
-            started = time.monotonic()
-            budget = self.timeout if timeout is None else timeout
-            deadline = started + budget
-            tokens_in, tid, route, chain, ledger, admission = await self._begin(
-                tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
-            )  # fmt: skip
             call = CompletionCall(
                 self._providers,
                 messages,
                 params,
-                ledger=ledger,
+                ledger=req.ledger,
                 health=self._health,
-                started=started,
+                started=req.started,
                 cap=self.attempt_timeout,
-                hedge=route.config.inference.hedge or self.hedge,
+                hedge=req.route.config.inference.hedge or self.hedge,
             )
-            result = await self._attempt(
-                call,
-                chain,
-                tid,
-                route,
-                ledger,
-                tokens_in,
-                deadline,
-                budget,
-                timer=call,
-                admission=admission,
-            )
+            result = await self._planner.attempt(call, req, call)
             if admission is not None:
                 self._gate.release(
                     admission, (result.tokens_input or 0) + (result.tokens_output or 0)
@@ -682,54 +514,32 @@ class TenantLLMRouter:
         through the same attempt loop); a later failure raises :class:`MidStreamError`. Use
         ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
-        labels = _labels(session_id, tags, metadata)
-        self._admit(params)
-        admission: Admission | None = None
-        observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = (
-            None
-            if observer is None
-            else RequestObservation(observer, tenant_id, model, messages, True)
-        )
+        req = await self._prepare(
+            tenant_id, messages, estimated_tokens, endpoint, user_id, task_type, metadata,
+            timeout, model, session_id, tags, key_quota, params, True,
+        )  # fmt: skip
+        gate, held = self._gate, req.admission
+
+        def done() -> None:
+            gate.release(held, None)
+            self._leave()
+
         try:
-            started = time.monotonic()
-            budget = self.timeout if timeout is None else timeout
-            deadline = started + budget
-            tokens_in, tid, route, chain, ledger, admission = await self._begin(
-                tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
-            )  # fmt: skip
-            gate, held = self._gate, admission
-
-            def done() -> None:
-                gate.release(held, None)
-                self._leave()
-
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
-                ledger=ledger,
+                ledger=req.ledger,
                 messages=messages,
                 params=params,
-                started=started,
+                started=req.started,
                 ttft_timeout=self.ttft_timeout,
                 chunk_timeout=self.chunk_timeout,
                 on_done=done,
             )
-            await self._attempt(
-                stream,
-                chain,
-                tid,
-                route,
-                ledger,
-                tokens_in,
-                deadline,
-                budget,
-                admission=admission,
-            )
+            await self._planner.attempt(stream, req)
         except BaseException as exc:
-            self._gate.release(admission, None)
-            self._leave()
+            done()
+            obs = req.ledger.obs
             if obs is not None:
                 obs.ended(None, exc)  # no-op when the stream's own end said it
             raise
@@ -811,13 +621,3 @@ class TenantLLMRouter:
     def provider_names(self) -> tuple[str, ...]:
         """The providers this router has settings for (``providers=`` or the environment)."""
         return tuple(self._settings)
-
-
-def _labels(
-    session_id: object, tags: object, metadata: Mapping[str, Any] | None
-) -> tuple[str | None, list[str] | None]:
-    """Validated session id and tags, or :class:`InvalidRequestError` naming the field."""
-    try:
-        return labels_from(session_id, tags, metadata)
-    except InvalidLabelError as exc:
-        raise InvalidRequestError(str(exc), parameter=exc.field) from None
