@@ -355,7 +355,8 @@ class TenantLLMRouter(RouterIntrospection):
         stream: bool,
     ) -> PlannedRequest:
         """The set-up of both request methods: checked, counted in flight, observed, planned
-        and admitted. If it raises, the request is no longer in flight and its end observed."""
+        and admitted. When planning or admission fails, it leaves the in-flight count and its
+        end is observed before the error propagates."""
         labels = request_labels(session_id, tags, metadata)
         self._admit(params)
         observer = self._observer  # None: metrics and tracing off, nothing made
