@@ -45,6 +45,7 @@ import asyncpg
 from _common import DEFAULT_ADMIN_DSN, environment, print_table, scratch_database
 
 from llm_gateway import TenantLLMRouter, provider_settings
+from llm_gateway.chain import route_for
 from llm_gateway.migrate import apply_migrations
 from llm_gateway.simulator import SimulatedProvider
 from llm_gateway.types import TaskType
@@ -108,9 +109,11 @@ async def part_a(
         for name, config in variants.items():
             t = await _tenant(pg, config)
             tokens_in = 7
-            tid, route, chain = await router._plan(t, tokens_in, time.monotonic() + 60)
+            planner = router._planner
+            tid, route = t, route_for(await router._store.get(t), None)
+            chain = await planner.order(tid, route, tokens_in, time.monotonic() + 60)
             plan = route.quota
-            ledger = router._ledger(tid, "/bench", USER, TaskType.CHAT, None)
+            ledger = planner.ledger(tid, "/bench", USER, TaskType.CHAT, None)
             params = {"max_tokens": 20}
             total = args.loops * (args.repeats + 1) + 10  # + the profiled loop
             if plan is not None:

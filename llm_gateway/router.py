@@ -8,77 +8,43 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
-from pydantic import ValidationError
 
 from usage import ModelUsageTracker
-from usage.analytics.labels import InvalidLabelError, labels_from
 from usage.pricing import PriceBook, default_price_book
 from usage.tracker import DEFAULT_DSN, resolve_dsn
 
-from .attempts import AttemptKind, CompletionCall, run_attempts
-from .catalog import list_route_models
-from .chain import (
-    ChainEntry,
-    TenantRoute,
-    above_window,
-    build_route,
-    explain_route,
-    larger_windows,
-    order_chain,
-    rate_limit_wait,
-    route_for,
-)
+from .attempts import CompletionCall
+from .chain import TenantRoute, build_route
 from .config import GroupEntry, HedgeConfig, TenantConfig, parse_model_groups
 from .config_listener import ConfigListener
 from .dsn import create_pool_checked, validate_dsn
-from .errors import (
-    ConfigError,
-    ContextWindowExceededError,
-    GatewayError,
-    InvalidRequestError,
-    NoProviderAvailableError,
-    RouterClosedError,
-)
-from .governance.admission import Admission, Governor, OnDbError
-from .governance.alerts import AlertSink, BudgetEventCallback
-from .governance.config import parse_default_limits
-from .governance.gate import DEFAULT_MAX_TOKENS, QuotaGate, estimate_input_tokens
+from .errors import RouterClosedError
+from .governance.admission import OnDbError
+from .governance.alerts import BudgetEventCallback
+from .governance.gate import QuotaGate
 from .governance.keys import KeyQuota
-from .governance.leases import LeaseClient
 from .health import HealthRegistry
-from .keys import ApiKey, Fingerprinter, deployment_fingerprinter
-from .ledger import RequestLedger
+from .introspection import RouterIntrospection
+from .keys import Fingerprinter, deployment_fingerprinter
 from .observability import Observer, RequestObservation, build_observer
+from .planning import RESERVED, PlannedRequest, RequestPlanner, request_labels, reserved_parameter
 from .providers import Provider, ProviderSettings, create_provider, settings_from_env
 from .secrets import KeyRing
 from .streaming import CompletionStream
-from .tenant_keys import set_tenant_keys as write_tenant_keys
-from .tenant_store import TenantConfigStore, UnknownTenantPolicy, as_tenant_id
+from .tenant_store import TenantConfigStore, UnknownTenantPolicy
 from .types import CompletionResult, TaskType
 
 __all__ = ["DEFAULT_DSN", "TenantLLMRouter"]
 
 log = logging.getLogger("llm_gateway")
-V = TypeVar("V")
-R = TypeVar("R")
-
-# Parameters the router sets itself (stream) or that would change the call
-# rather than the request (the SDKs' extra_*): refused up front, never sent.
-_RESERVED: dict[str, str] = {
-    "stream": "use stream_for_tenant() to stream",
-    "extra_headers": "the router sets the request's headers",
-    "extra_query": "the router builds the request's URL",
-    "extra_body": "pass body fields as keyword arguments",
-}
 
 
-class TenantLLMRouter:
+class TenantLLMRouter(RouterIntrospection):
     """Routes chat completions for many tenants, each with its own keys and preferences.
 
     One router per process is the intended use: it owns one asyncpg pool (tenant configs),
@@ -210,19 +176,15 @@ class TenantLLMRouter:
             if listen
             else None
         )
-        try:
-            defaults = parse_default_limits(default_limits)
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            path = ".".join(str(p) for p in ("default_limits", *first["loc"]))
-            raise ConfigError(f"invalid {path}: {first['msg']}") from None
-        self._gate = QuotaGate(
-            Governor(
-                LeaseClient(self._get_pool),
-                on_db_error=quota_on_db_error,
-                alerts=AlertSink(self._get_pool, on_budget_event),
-            ),
-            defaults,
+        self._gate = QuotaGate.build(
+            self._get_pool, default_limits, quota_on_db_error, on_budget_event
+        )
+        self._planner = RequestPlanner(
+            self._store,
+            self._health,
+            self._gate,
+            self._prices,
+            usage_tracker if record_usage else None,
         )
         # None unless metrics or tracing is on: then each hook is one `is None` test.
         self._observer: Observer | None = build_observer(
@@ -289,6 +251,7 @@ class TenantLLMRouter:
                         self.dsn, price_book=self._prices, spool_dir=self._spool_dir
                     )
                 await self._tracker.start()
+                self._planner.tracker = self._tracker
                 governor = self._gate.governor
                 self._tracker.add_settle_listener(
                     lambda rows: governor.rows_settled(r.id for r in rows)
@@ -359,132 +322,14 @@ class TenantLLMRouter:
             self._gate.plan(config),
         )
 
-    def key_fingerprint(self, key: str | ApiKey) -> str:
-        """The fingerprint this deployment shows for ``key`` in health, explain and usage rows."""
-        if self._fingerprint is None:
-            # Never a fingerprint under an unknown secret: it would differ from the real one.
-            raise GatewayError("router not started: key fingerprints are not known yet")
-        return self._fingerprint(key)
-
-    # --- configuration ---------------------------------------------------------------------
-
-    def invalidate_cache(self, tenant_id: uuid.UUID | str | None = None) -> None:
-        """Drop one tenant's cached config, or every tenant's, in this process only.
-
-        Rarely needed: with migration 006 every edit of ``tenants`` (by any process, plain SQL
-        included) notifies every router, whose listener drops the tenant's config itself.
-        """
-        self._store.invalidate(tenant_id)
-
-    async def set_tenant_keys(
-        self, tenant_id: uuid.UUID | str, keys: Mapping[str, str | None]
-    ) -> None:
-        """Encrypt ``keys`` ({provider: key}) and merge them into the tenant's ``llm_tokens``
-        in one ``UPDATE``; a ``None`` value removes that provider's key. This router's cached
-        config of the tenant is dropped (other processes: the tenants NOTIFY trigger)."""
-        if not self._started:
-            await self.start()
-        tid = as_tenant_id(tenant_id)
-        await write_tenant_keys(self._get_pool(), self._keyring, tid, keys)
-        self._store.invalidate(tid)
-
-    async def tenant_config(self, tenant_id: uuid.UUID | str) -> TenantConfig:
-        """The validated config the router uses for a tenant (cached)."""
-        if not self._started:
-            await self.start()
-        return (await self._store.get(as_tenant_id(tenant_id))).config
-
     # --- requests --------------------------------------------------------------------------
-
-    async def _plan(
-        self,
-        tenant_id: uuid.UUID | str,
-        estimated_tokens: int,
-        deadline: float,
-        model: str | None = None,
-    ) -> tuple[uuid.UUID, TenantRoute, list[ChainEntry]]:
-        """The tenant's id, route and the entries to try, in order (config from cache).
-
-        ``model`` selects a model group's or a concrete model's route (built with the config).
-        """
-        if not self._started:
-            await self.start()
-        tid = as_tenant_id(tenant_id)
-        route = route_for(await self._store.get(tid), model)
-        return tid, route, await self._order(tid, route, estimated_tokens, deadline)
-
-    async def _order(
-        self,
-        tid: uuid.UUID,
-        route: TenantRoute,
-        estimated_tokens: int,
-        deadline: float,
-        floor: int | None = None,
-    ) -> list[ChainEntry]:
-        """The chain to try now. When every usable key is only waiting out a 429's
-        Retry-After and the wait fits before ``deadline``, sleeps it out instead of failing.
-        ``floor``: only entries whose window is larger (after a context-length refusal)."""
-        while True:
-            # Health times come from the registry's clock (injectable), deadlines from ours.
-            now = self._health.clock()
-            chain = order_chain(route, self._health, estimated_tokens, now)
-            if floor is not None:
-                chain = above_window(chain, floor)
-            if chain:
-                return chain
-            wait = rate_limit_wait(route, self._health, now)
-            if wait is None or time.monotonic() + wait > deadline:
-                # Only now are the reasons worth collecting.
-                skipped: dict[str, str] = {}
-                order_chain(route, self._health, estimated_tokens, now, skipped)
-                raise NoProviderAvailableError(tid, {**route.excluded, **skipped})
-            await asyncio.sleep(wait)
-
-    async def _attempt(
-        self,
-        kind: AttemptKind[V, R],
-        chain: list[ChainEntry],
-        tid: uuid.UUID,
-        route: TenantRoute,
-        ledger: RequestLedger,
-        estimated_tokens: int,
-        deadline: float,
-        budget: float,
-        timer: Any = None,
-        admission: Admission | None = None,
-    ) -> R:
-        """:func:`run_attempts` over ``chain``; within a model group, a context-length 400
-        moves on to the next entries with a larger window (the same request and ledger).
-        ``timer`` gives each attempt its cap (adaptive timeouts; completions only)."""
-        floor: int | None = None
-        while True:
-            try:
-                return await run_attempts(
-                    kind,
-                    chain,
-                    ledger=ledger,
-                    health=self._health,
-                    deadline=deadline,
-                    budget=budget,
-                    replan=self._replan(tid, route, estimated_tokens, deadline, floor, admission),
-                    timer=timer,
-                )
-            except ContextWindowExceededError as exc:
-                if route.group is None:
-                    raise  # outside a group, final like any 400
-                chain, floor = larger_windows(chain, exc)
-                if not chain:
-                    raise
 
     def _admit(self, params: Mapping[str, Any]) -> None:
         """Refuse a request up front: the router is closing, or a parameter is reserved."""
         if self._closed:
             raise RouterClosedError("router is closing; it accepts no new request")
-        if params and not _RESERVED.keys().isdisjoint(params):
-            name = next(p for p in params if p in _RESERVED)
-            raise InvalidRequestError(
-                f"parameter {name!r} is reserved: {_RESERVED[name]}", parameter=name
-            )
+        if params and not RESERVED.keys().isdisjoint(params):
+            raise reserved_parameter(params)
         self._inflight += 1
 
     def _leave(self) -> None:
@@ -492,90 +337,48 @@ class TenantLLMRouter:
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 
-    async def _begin(
+    async def _prepare(
         self,
         tenant_id: uuid.UUID | str,
         messages: Sequence[Mapping[str, Any]],
         estimated_tokens: int | None,
-        deadline: float,
-        model: str | None,
-        params: Mapping[str, Any],
-        row: tuple[
-            str, str | None, TaskType, Mapping[str, Any] | None, tuple[str | None, list[str] | None]
-        ],
-        key_quota: KeyQuota | None = None,
-        obs: RequestObservation | None = None,
-    ) -> tuple[int, uuid.UUID, TenantRoute, list[ChainEntry], RequestLedger, Admission | None]:
-        """Plan a request and admit it: its input-token estimate, tenant id, route, chain (what
-        admission allowed), ledger and admission (``None`` without quotas). ``row``: the
-        ledger's endpoint, user, task type, metadata and labels; ``key_quota``: the limits of
-        the virtual key the request came with (its rows carry the key's id)."""
-        tokens_in = (
-            estimate_input_tokens(messages) if estimated_tokens is None else estimated_tokens
-        )
-        tid, route, chain = await self._plan(tenant_id, tokens_in, deadline, model)
-        endpoint, user_id, task_type, metadata, labels = row
-        ledger = self._ledger(tid, endpoint, user_id, task_type, metadata, labels)
-        if obs is not None:
-            ledger.obs = obs
-            obs.begun(ledger.request_id, tid)
-        plan = route.quota
-        if key_quota is not None:
-            ledger.virtual_key_id = key_quota.key_id
-            plan = plan or self._gate.bare(tid)
-        if plan is None:
-            return tokens_in, tid, route, chain, ledger, None
-        admission = await self._gate.admit(
-            plan, tid, user_id, chain, tokens_in, params, ledger, key_quota
-        )
-        return tokens_in, tid, route, admission.entries, ledger, admission
-
-    def _replan(
-        self,
-        tid: uuid.UUID,
-        route: TenantRoute,
-        estimated_tokens: int,
-        deadline: float,
-        floor: int | None,
-        admission: Admission | None,
-    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
-        """The chain planned again (after a 429), within what admission allowed."""
-        replan = partial(self._order, tid, route, estimated_tokens, deadline, floor)
-        return replan if admission is None else self._within(admission, replan)
-
-    @staticmethod
-    def _within(
-        admission: Admission, replan: Callable[[], Awaitable[list[ChainEntry]]]
-    ) -> Callable[[], Awaitable[list[ChainEntry]]]:
-        """``replan`` limited to the entries admission allowed (quotas removed the others)."""
-        allowed = set(admission.entries)
-
-        async def replan_within() -> list[ChainEntry]:
-            return [e for e in await replan() if e in allowed]
-
-        return replan_within
-
-    def _ledger(
-        self,
-        tenant_id: uuid.UUID,
         endpoint: str,
         user_id: str | None,
         task_type: TaskType,
         metadata: Mapping[str, Any] | None,
-        labels: tuple[str | None, list[str] | None] = (None, None),
-    ) -> RequestLedger:
-        tracker = self._tracker if self._record_usage else None
-        return RequestLedger(
-            tenant_id,
-            tracker,
-            self._prices,
-            endpoint,
-            user_id,
-            task_type,
-            metadata,
-            session_id=labels[0],
-            tags=labels[1],
+        timeout: float | None,
+        model: str | None,
+        session_id: str | None,
+        tags: Sequence[str] | None,
+        key_quota: KeyQuota | None,
+        params: Mapping[str, Any],
+        stream: bool,
+    ) -> PlannedRequest:
+        """The set-up of both request methods: checked, counted in flight, observed, planned
+        and admitted. When planning or admission fails, it leaves the in-flight count and its
+        end is observed before the error propagates."""
+        labels = request_labels(session_id, tags, metadata)
+        self._admit(params)
+        observer = self._observer  # None: metrics and tracing off, nothing made
+        obs = (
+            None
+            if observer is None
+            else RequestObservation(observer, tenant_id, model, messages, stream)
         )
+        try:
+            started = time.monotonic()
+            budget = self.timeout if timeout is None else timeout
+            if not self._started:
+                await self.start()
+            return await self._planner.begin(
+                tenant_id, messages, estimated_tokens, started, budget, model, params,
+                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
+            )  # fmt: skip
+        except BaseException as exc:
+            if obs is not None:
+                obs.ended(None, exc)
+            self._leave()
+            raise
 
     async def complete_for_tenant(
         self,
@@ -621,45 +424,23 @@ class TenantLLMRouter:
             InvalidRequestError: also for an invalid ``session_id`` or ``tags``.
             DeadlineExceededError: ``timeout`` ran out first.
         """
-        labels = _labels(session_id, tags, metadata)
-        self._admit(params)
-        admission: Admission | None = None
-        observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = (
-            None
-            if observer is None
-            else RequestObservation(observer, tenant_id, model, messages, False)
-        )
+        req = await self._prepare(
+            tenant_id, messages, estimated_tokens, endpoint, user_id, task_type, metadata,
+            timeout, model, session_id, tags, key_quota, params, False,
+        )  # fmt: skip
+        admission, obs = req.admission, req.ledger.obs  # obs: None when metrics, tracing off
         try:
-            started = time.monotonic()
-            budget = self.timeout if timeout is None else timeout
-            deadline = started + budget
-            tokens_in, tid, route, chain, ledger, admission = await self._begin(
-                tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
-            )  # fmt: skip
             call = CompletionCall(
                 self._providers,
                 messages,
                 params,
-                ledger=ledger,
+                ledger=req.ledger,
                 health=self._health,
-                started=started,
+                started=req.started,
                 cap=self.attempt_timeout,
-                hedge=route.config.inference.hedge or self.hedge,
+                hedge=req.route.config.inference.hedge or self.hedge,
             )
-            result = await self._attempt(
-                call,
-                chain,
-                tid,
-                route,
-                ledger,
-                tokens_in,
-                deadline,
-                budget,
-                timer=call,
-                admission=admission,
-            )
+            result = await self._planner.attempt(call, req, call)
             if admission is not None:
                 self._gate.release(
                     admission, (result.tokens_input or 0) + (result.tokens_output or 0)
@@ -698,142 +479,34 @@ class TenantLLMRouter:
         through the same attempt loop); a later failure raises :class:`MidStreamError`. Use
         ``async with stream:``. An open stream counts as in flight for :meth:`close`.
         """
-        labels = _labels(session_id, tags, metadata)
-        self._admit(params)
-        admission: Admission | None = None
-        observer = self._observer  # None: metrics and tracing off, nothing made
-        obs = (
-            None
-            if observer is None
-            else RequestObservation(observer, tenant_id, model, messages, True)
-        )
+        req = await self._prepare(
+            tenant_id, messages, estimated_tokens, endpoint, user_id, task_type, metadata,
+            timeout, model, session_id, tags, key_quota, params, True,
+        )  # fmt: skip
+        gate, held = self._gate, req.admission
+
+        def done() -> None:
+            gate.release(held, None)
+            self._leave()
+
         try:
-            started = time.monotonic()
-            budget = self.timeout if timeout is None else timeout
-            deadline = started + budget
-            tokens_in, tid, route, chain, ledger, admission = await self._begin(
-                tenant_id, messages, estimated_tokens, deadline, model, params,
-                (endpoint, user_id, task_type, metadata, labels), key_quota, obs,
-            )  # fmt: skip
-            gate, held = self._gate, admission
-
-            def done() -> None:
-                gate.release(held, None)
-                self._leave()
-
             stream = CompletionStream(
                 providers=self._providers,
                 health=self._health,
-                ledger=ledger,
+                ledger=req.ledger,
                 messages=messages,
                 params=params,
-                started=started,
+                started=req.started,
                 ttft_timeout=self.ttft_timeout,
                 chunk_timeout=self.chunk_timeout,
                 on_done=done,
             )
-            await self._attempt(
-                stream,
-                chain,
-                tid,
-                route,
-                ledger,
-                tokens_in,
-                deadline,
-                budget,
-                admission=admission,
-            )
+            await self._planner.attempt(stream, req)
         except BaseException as exc:
-            self._gate.release(admission, None)
-            self._leave()
+            done()
+            obs = req.ledger.obs
             if obs is not None:
                 obs.ended(None, exc)  # no-op when the stream's own end said it
             raise
         self._streams.add(stream)
         return stream
-
-    # --- introspection ---------------------------------------------------------------------
-
-    async def quota_status(
-        self,
-        tenant_id: uuid.UUID | str,
-        user_id: str | None = None,
-        key_quota: KeyQuota | None = None,
-    ) -> list[dict[str, Any]]:
-        """One dict per configured budget or limit of the tenant (and of ``user_id``, and of
-        the virtual key ``key_quota``): ``scope``, ``limit``, ``allowed``, ``used``,
-        ``reserved``, ``remaining``, ``resets_at`` -- the numbers admission acts on, fresh
-        from PostgreSQL."""
-        if not self._started:
-            await self.start()
-        tid = as_tenant_id(tenant_id)
-        route = await self._store.get(tid)
-        return await self._gate.status(route.quota, tid, user_id, key_quota)
-
-    def health(self) -> list[dict[str, Any]]:
-        """Health of every provider key used so far (fingerprints only, never keys).
-
-        The config listener's state is in :meth:`status`."""
-        return self._health.snapshot()
-
-    def status(self) -> dict[str, Any]:
-        """``{"providers": health(), "config_listener": {...} or None}``.
-
-        ``config_listener["state"]``: ``starting``, ``listening``, ``reconnecting`` (configs
-        then expire by ``cache_ttl`` only) or ``closed``; ``None`` when it is off.
-        """
-        listener = self._listener.status() if self._listener is not None else None
-        return {"providers": self.health(), "config_listener": listener}
-
-    async def explain(
-        self,
-        tenant_id: uuid.UUID | str,
-        estimated_tokens: int | None = None,
-        model: str | None = None,
-    ) -> dict[str, Any]:
-        """The chain a request would use now, with each entry's score and every exclusion;
-        ``model`` as for :meth:`complete_for_tenant`."""
-        if not self._started:
-            await self.start()
-        route = route_for(await self._store.get(as_tenant_id(tenant_id)), model)
-        tokens = 100 if estimated_tokens is None else estimated_tokens
-        explained = explain_route(route, self._health, tokens, self._health.clock())
-        if route.quota is not None:
-            quota = self._gate.governor.steering(
-                route.quota, route.entries, tokens, DEFAULT_MAX_TOKENS
-            )
-            if quota:
-                explained["chain"] = [c for c in explained["chain"] if c["provider"] not in quota]
-                explained["excluded"] = {**explained["excluded"], **quota}
-        return explained
-
-    async def list_models(self, tenant_id: uuid.UUID | str) -> dict[str, Any]:
-        """Every provider and model the tenant can be served by now, and why others cannot.
-
-        ``models``: one row per (provider, model) with the key source and fingerprint, context
-        window, price per million tokens, health and, when it cannot be used now, the reason;
-        ``groups``: its model groups, entry by entry; ``excluded``: providers it can never use.
-        """
-        if not self._started:
-            await self.start()
-        route = await self._store.get(as_tenant_id(tenant_id))
-        return list_route_models(route, self._health, self._health.clock())
-
-    @property
-    def usage_tracker(self) -> ModelUsageTracker | None:
-        return self._tracker
-
-    @property
-    def provider_names(self) -> tuple[str, ...]:
-        """The providers this router has settings for (``providers=`` or the environment)."""
-        return tuple(self._settings)
-
-
-def _labels(
-    session_id: object, tags: object, metadata: Mapping[str, Any] | None
-) -> tuple[str | None, list[str] | None]:
-    """Validated session id and tags, or :class:`InvalidRequestError` naming the field."""
-    try:
-        return labels_from(session_id, tags, metadata)
-    except InvalidLabelError as exc:
-        raise InvalidRequestError(str(exc), parameter=exc.field) from None

@@ -8,13 +8,20 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .admission import Admission, Governor, QuotaPlan
-from .config import Governance, Rates
+from pydantic import ValidationError
+
+from ..errors import ConfigError
+from .admission import Admission, Governor, OnDbError, QuotaPlan
+from .alerts import AlertSink, BudgetEventCallback
+from .config import Governance, Rates, parse_default_limits
 from .errors import QuotaExceededError
 from .keys import KeyQuota
+from .leases import LeaseClient
 from .limits import LimitSpec, key_specs, tenant_specs, user_specs
 
 if TYPE_CHECKING:
+    import asyncpg
+
     from ..chain import ChainEntry
     from ..config import TenantConfig
     from ..ledger import RequestLedger
@@ -50,6 +57,25 @@ class QuotaGate:
         # Tenants without limits of their own, whose requests carry a key quota: an empty
         # plan each (it holds the key's specs and draws).
         self._bare: dict[uuid.UUID, QuotaPlan] = {}
+
+    @classmethod
+    def build(
+        cls,
+        pool: Callable[[], asyncpg.Pool],
+        default_limits: Mapping[str, Any] | None,
+        on_db_error: OnDbError,
+        on_budget_event: BudgetEventCallback | None,
+    ) -> QuotaGate:
+        """A router's gate: leases and budget alerts through ``pool``, ``default_limits`` under
+        every tenant's own (invalid: :class:`ConfigError` naming the field)."""
+        try:
+            default = parse_default_limits(default_limits)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            path = ".".join(str(p) for p in ("default_limits", *first["loc"]))
+            raise ConfigError(f"invalid {path}: {first['msg']}") from None
+        alerts = AlertSink(pool, on_budget_event)
+        return cls(Governor(LeaseClient(pool), on_db_error=on_db_error, alerts=alerts), default)
 
     def bare(self, tenant: uuid.UUID) -> QuotaPlan:
         """The empty plan of a tenant that sets no limits (for its keys' quotas)."""
