@@ -8,11 +8,15 @@ How to run (from the repository root; valgrind installed; same database and pack
     python bench/bench_observability_callgrind.py --profile unsampled   # cProfile, no valgrind
 
 CPU time on a shared machine moves with the load; instruction counts do not. For each variant
-of ``bench_observability.py`` (``off``, ``metrics``, ``unsampled``, ``tracing``, ``both``),
+of ``bench_observability.py`` (``off``, ``metrics``, ``unsampled``, ``tracing``, ``both``,
+``both-10%``, ``sdk-around``),
 for ``sdk-floor`` (two bare recorded OpenTelemetry SDK spans per "request", no router) and
-``sdk-unsampled`` (one bare span its sampler drops; both ``bench_observability.SdkFloor``)
+``sdk-unsampled`` (one bare span its sampler drops; both ``bench_observability.SdkFloor``),
+and, with ``--http``, for ``header-off`` / ``header-on`` (no router: the provider's
+``complete()`` alone, without and with a ``traceparent`` in ``extra_headers``)
 this runs one child process under ``valgrind --tool=callgrind`` (serially: ~2 minutes each):
-it builds the router with the canned provider, warms it up (200 requests), then runs
+it builds the router with the canned provider (``--http``: a simulator process, whose own
+instructions are not counted), warms it up (200 requests), then runs
 ``--requests`` sequential requests, the usage flush and the span flush. Counting covers only
 that measured part: callgrind zeroes its counters when the child enters ``os.getpgrp()`` and
 dumps them when it enters ``os.getppid()`` (``--zero-before`` / ``--dump-before`` on
@@ -42,14 +46,42 @@ import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # bench/ is not a package: found through sys.path
 import bench_observability as bo
 
+from llm_gateway.keys import ApiKey
+from llm_gateway.providers import create_provider, provider_settings
+
 DB_NAME = "llmgw_bench_observability_cg"
-KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled")
+KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled", "header-off", "header-on")
+# No router: the provider class alone over HTTP (--http), without and with a traceparent.
+HEADER_KINDS = ("header-off", "header-on")
+
+
+def provider_calls(url: str, traced: bool) -> tuple[Callable[[int], Awaitable[None]], Any]:
+    """``run(k)``: ``k`` calls of the provider's ``complete()`` at ``url`` (``traced``: each
+    with a ``traceparent`` of its own in ``extra_headers``, as a traced attempt sends); and
+    the provider, to close."""
+    provider = create_provider(provider_settings("llm7", url, api_key="bench-key"))
+    key = ApiKey("bench-key", "system")
+
+    async def run(k: int) -> None:
+        for i in range(k):
+            headers = {"traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01"} if traced else None
+            await provider.complete(
+                key=key,
+                model=bo.MODEL,
+                messages=bo.MESSAGES,
+                params={},
+                timeout=30.0,
+                extra_headers=headers,
+            )
+
+    return run, provider
 
 
 async def child(
@@ -58,7 +90,11 @@ async def child(
     """The measured process: warm up, then ``n`` requests between the two markers
     (``url``: to the simulator there, else to the canned provider)."""
     run: Callable[[int], Awaitable[None]]
-    if kind in ("sdk-floor", "sdk-unsampled"):
+    if kind in HEADER_KINDS:
+        if url is None:
+            raise SystemExit(f"{kind} needs --http")
+        run, provider = provider_calls(url, kind == "header-on")
+    elif kind in ("sdk-floor", "sdk-unsampled"):
         floor = bo.SdkFloor(sampled=kind == "sdk-floor")
         run = floor.spans
     else:
@@ -83,7 +119,9 @@ async def child(
     if prof is not None:
         prof.disable()
     os.getppid()  # callgrind: --dump-before
-    if kind in ("sdk-floor", "sdk-unsampled"):
+    if kind in HEADER_KINDS:
+        await provider.aclose()
+    elif kind in ("sdk-floor", "sdk-unsampled"):
         floor.close()
     else:
         await v.router.close()
@@ -157,7 +195,12 @@ def report(figures: dict[str, dict[str, float]], args: argparse.Namespace) -> No
     for kind, events in figures.items():
         ir = events["Ir"]
         added = share = ""
-        if base is not None and kind in ("sdk-floor", "sdk-unsampled"):
+        if kind in HEADER_KINDS:  # against the provider alone, without the header
+            plain = figures.get("header-off")
+            if kind == "header-on" and plain is not None:
+                added = f"{ir - plain['Ir']:+,.0f}"
+                share = f"{(ir - plain['Ir']) / plain['Ir'] * 100:+.1f} % of header-off"
+        elif base is not None and kind in ("sdk-floor", "sdk-unsampled"):
             share = f"{ir / base['Ir'] * 100:.1f} % of off"
         elif base is not None and kind != "off":
             added, share = (
@@ -174,9 +217,10 @@ def report(figures: dict[str, dict[str, float]], args: argparse.Namespace) -> No
         note="sdk-floor: two bare recorded SDK spans per iteration, no router;"
         " sdk-unsampled: one span the sampler drops (what a sampled-out request makes)."
         " Neither includes off. sdk-around: off with the sdk-floor spans made around each"
-        " request by the bench. With --cache-sim: callgrind's simulated misses per request"
-        " (I1mr/D1mr/D1mw: first-level instruction/data read/write misses; ILmr/DLmr/DLmw:"
-        " last level).",
+        " request by the bench. header-off/-on (--http): no router, the provider's complete()"
+        " alone, without/with a traceparent header. With --cache-sim: callgrind's simulated"
+        " misses per request (I1mr/D1mr/D1mw: first-level instruction/data read/write"
+        " misses; ILmr/DLmr/DLmw: last level).",
     )
     ratio = traced_share(figures)
     if ratio is not None:
@@ -247,7 +291,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.http:  # the client's instructions only: the simulator is another process
                 url = stack.enter_context(_common.simulator("llm7", cpu=1)).base_url
             figures = {}
-            for kind in args.only or KINDS:
+            kinds = args.only or [k for k in KINDS if args.http or k not in HEADER_KINDS]
+            for kind in kinds:
                 figures[kind] = measure(kind, dsn, tenant, args.requests, out, url, args.cache_sim)
                 print(f"  {kind}: {figures[kind]['Ir']:,.0f} instructions / request", flush=True)
         report(figures, args)
