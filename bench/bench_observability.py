@@ -181,40 +181,41 @@ class SdkFloor:
             for _ in range(n):
                 tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START).end()
             return
-        for i in range(n):  # the attributes the router's spans carry, at the best places
-            parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
-            child = tracer.start_span(
-                "chat m",
-                context=trace.set_span_in_context(parent),
-                kind=trace.SpanKind.CLIENT,
-                attributes=_ATTEMPT_START,
-            )
-            child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
-            child.end()
-            parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
-            parent.end()
+        for i in range(n):
+            parent, child = self._start()
+            _end(parent, child, i)
         self.tracer_provider.force_flush()
 
     async def around(self, n: int, call: Callable[[], Awaitable[Any]]) -> None:
         """Await ``call()`` ``n`` times, each inside the two spans of :meth:`spans` (made
         here, not by the router: ``sdk-around``)."""
-        tracer = self._tracer
         for i in range(n):
-            parent = tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
-            child = tracer.start_span(
-                "chat m",
-                context=trace.set_span_in_context(parent),
-                kind=trace.SpanKind.CLIENT,
-                attributes=_ATTEMPT_START,
-            )
+            parent, child = self._start()
             await call()
-            child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
-            child.end()
-            parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
-            parent.end()
+            _end(parent, child, i)
+
+    def _start(self) -> tuple[Any, Any]:
+        """A request's span and its attempt's, with the attributes the router's carry at
+        their start."""
+        parent = self._tracer.start_span("llm_gateway.chat", attributes=_REQUEST_START)
+        child = self._tracer.start_span(
+            "chat m",
+            context=trace.set_span_in_context(parent),
+            kind=trace.SpanKind.CLIENT,
+            attributes=_ATTEMPT_START,
+        )
+        return parent, child
 
     def close(self) -> None:
         self.tracer_provider.shutdown()
+
+
+def _end(parent: Any, child: Any, i: int) -> None:
+    """End the spans of :meth:`SdkFloor._start` with the attributes of the router's ends."""
+    child.set_attributes({**_ATTEMPT_END, "gen_ai.usage.output_tokens": i})
+    child.end()
+    parent.set_attributes({**_REQUEST_END, "gen_ai.usage.output_tokens": i})
+    parent.end()
 
 
 async def recorded_answer() -> tuple[bytes, Any]:
