@@ -223,6 +223,33 @@ async def test_enable_turns_metrics_on_for_later_routers(
     )
 
 
+async def test_stream_outcomes_mid_stream_error_and_cancelled(
+    pg_dsn: str, pg: asyncpg.Connection, sims: tuple[SimulatedProvider, SimulatedProvider]
+) -> None:
+    """A stream's end sets its request's outcome: broken after its first chunk, or closed by
+    the caller before its end (the labels README lists besides the error classes')."""
+    from llm_gateway import MidStreamError
+
+    groq, llm7 = sims
+    t = await make_tenant(pg, inference_config={"preferred_provider": "groq"})
+    registry = CollectorRegistry()
+    async with TenantLLMRouter(pg_dsn, providers=providers(groq, llm7), metrics=registry) as router:
+        groq.fail_with = "stream_error_after_first"
+        stream = await router.stream_for_tenant(t, MSG)
+        with pytest.raises(MidStreamError):
+            async with stream:
+                async for _ in stream:
+                    pass
+        groq.fail_with = None
+        async with await router.stream_for_tenant(t, MSG) as stream:
+            async for _ in stream:
+                break  # the caller leaves after the first chunk: the stream is closed unread
+        s = scrape(registry)
+    assert value(s, "llm_gateway_requests_total", outcome="mid_stream_error") == 1
+    assert value(s, "llm_gateway_requests_total", outcome="cancelled") == 1
+    assert value(s, "llm_gateway_requests_total", outcome="success") == 0
+
+
 # --- the dashboard ---------------------------------------------------------------------------
 
 _NAME = re.compile(r"\bllm_gateway_[a-z_]+")
