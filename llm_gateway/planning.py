@@ -208,16 +208,17 @@ class RequestPlanner:
         if key_quota is not None:
             ledger.virtual_key_id = key_quota.key_id
             plan = plan or self.gate.bare(tid)
-        if plan is None:
-            return PlannedRequest(
-                tid, route, chain, ledger, None, tokens_in, started, deadline, budget
+        admission = (
+            None
+            if plan is None
+            else await self.gate.admit(
+                plan, tid, user_id, chain, tokens_in, params, ledger, key_quota
             )
-        admission = await self.gate.admit(
-            plan, tid, user_id, chain, tokens_in, params, ledger, key_quota
         )
-        entries = admission.entries  # what admission allowed
+        if admission is not None:
+            chain = admission.entries  # what admission allowed
         return PlannedRequest(
-            tid, route, entries, ledger, admission, tokens_in, started, deadline, budget
+            tid, route, chain, ledger, admission, tokens_in, started, deadline, budget
         )
 
     async def attempt(self, kind: AttemptKind[V, R], req: PlannedRequest, timer: Any = None) -> R:
