@@ -57,9 +57,10 @@ from llm_gateway.keys import ApiKey
 from llm_gateway.providers import create_provider, provider_settings
 
 DB_NAME = "llmgw_bench_observability_cg"
-KINDS = (*bo.VARIANTS, "sdk-floor", "sdk-unsampled", "header-off", "header-on")
 # No router: the provider class alone over HTTP (--http), without and with a traceparent.
 HEADER_KINDS = ("header-off", "header-on")
+SDK_KINDS = ("sdk-floor", "sdk-unsampled")  # no router: bare SDK spans
+KINDS = (*bo.VARIANTS, *SDK_KINDS, *HEADER_KINDS)
 
 
 def provider_calls(url: str, traced: bool) -> tuple[Callable[[int], Awaitable[None]], Any]:
@@ -90,13 +91,19 @@ async def child(
     """The measured process: warm up, then ``n`` requests between the two markers
     (``url``: to the simulator there, else to the canned provider)."""
     run: Callable[[int], Awaitable[None]]
+    close: Callable[[], Awaitable[None]]
     if kind in HEADER_KINDS:
         if url is None:
             raise SystemExit(f"{kind} needs --http")
         run, provider = provider_calls(url, kind == "header-on")
-    elif kind in ("sdk-floor", "sdk-unsampled"):
+        close = provider.aclose
+    elif kind in SDK_KINDS:
         floor = bo.SdkFloor(sampled=kind == "sdk-floor")
         run = floor.spans
+
+        async def close() -> None:
+            floor.close()
+
     else:
         v = await bo.make(kind, dsn, await bo.recorded_answer(), url)
         # One usage write per slice (its final flush), not one per 0.2 s of wall time: under
@@ -109,6 +116,11 @@ async def child(
 
         run = run_requests
 
+        async def close() -> None:
+            await v.router.close()
+            if v.tracer_provider is not None:
+                v.tracer_provider.shutdown()
+
     await run(min(200, n))  # warm-up: config cached, pools open, counters made
     gc.collect()
     prof = cProfile.Profile() if profile else None
@@ -119,14 +131,7 @@ async def child(
     if prof is not None:
         prof.disable()
     os.getppid()  # callgrind: --dump-before
-    if kind in HEADER_KINDS:
-        await provider.aclose()
-    elif kind in ("sdk-floor", "sdk-unsampled"):
-        floor.close()
-    else:
-        await v.router.close()
-        if v.tracer_provider is not None:
-            v.tracer_provider.shutdown()
+    await close()
     if prof is not None and profile:
         prof.dump_stats(profile)
 
@@ -200,7 +205,7 @@ def report(figures: dict[str, dict[str, float]], args: argparse.Namespace) -> No
             if kind == "header-on" and plain is not None:
                 added = f"{ir - plain['Ir']:+,.0f}"
                 share = f"{(ir - plain['Ir']) / plain['Ir'] * 100:+.1f} % of header-off"
-        elif base is not None and kind in ("sdk-floor", "sdk-unsampled"):
+        elif base is not None and kind in SDK_KINDS:
             share = f"{ir / base['Ir'] * 100:.1f} % of off"
         elif base is not None and kind != "off":
             added, share = (
